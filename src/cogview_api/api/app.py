@@ -1,0 +1,37 @@
+"""The app factory: everything the HTTP layer needs is built here from one Settings."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from cogview_api import __version__
+from cogview_api.api.errors import RequestGuard, install_error_handlers
+from cogview_api.api.routes import health, images, native, page
+from cogview_api.api.routes.page import STATIC
+from cogview_api.config import Settings
+from cogview_api.storage import ImageStorage, open_storage
+from cogview_api.store.db import Database
+
+
+def create_app(
+    settings: Settings, *, db: Database | None = None, storage: ImageStorage | None = None
+) -> FastAPI:
+    app = FastAPI(
+        title="cogview-api",
+        version=__version__,
+        description="Self-hosted HTTP API for Zhipu's CogView 4 text-to-image model.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.db = db or Database(settings.database_url)
+    app.state.storage = storage or open_storage(settings.storage_url)
+    install_error_handlers(app)
+    app.include_router(native.router)
+    app.include_router(images.router)
+    app.include_router(health.router)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,152 @@
+"""One error envelope for every route, and the handlers and middleware that produce it."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cogview_api.errors import (
+    CogviewError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    ServiceUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"code": status, "message": message, "type": type_, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def from_exception(exc: CogviewError) -> JSONResponse:
+    headers = None
+    if isinstance(exc, ServiceUnavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    return error_response(exc.status, exc.type, exc.message, exc.param, headers)
+
+
+def invalid_from_validation(exc: ValidationError | RequestValidationError) -> InvalidRequest:
+    """The first problem of a pydantic error, as a sentence naming the field."""
+    first: dict[str, Any] = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unknown field '{param}'.", param=param)
+    if kind == "missing":
+        return InvalidRequest(f"Field '{param}' is required.", param=param)
+    msg = str(first.get("msg", "is invalid")).removeprefix("Value error, ")
+    return InvalidRequest(f"Invalid '{param}': {msg}.", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CogviewError)
+    async def _ours(request: Request, exc: CogviewError) -> Response:
+        return from_exception(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return from_exception(invalid_from_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return from_exception(NotFound(f"No route for {request.method} {request.url.path}."))
+        if exc.status_code == 405:
+            resp = from_exception(
+                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+            )
+            if exc.headers and "allow" in {k.lower() for k in exc.headers}:
+                resp.headers.update(exc.headers)
+            return resp
+        return error_response(exc.status_code, "invalid_request", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        rid = request.scope.get("state", {}).get("request_id", "-")
+        log.exception("unhandled error, request id %s", rid)
+        return error_response(
+            500, "server_error", f"Internal server error (request id {rid}).", None
+        )
+
+
+class RequestGuard:
+    """Pure ASGI middleware: gives each request an id, and refuses bodies over the limit
+    with 413 before any route sees them (also for chunked bodies with no Content-Length)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(scope, send_with_id)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and declared is None:
+            await self.app(scope, receive, send_with_id)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await self._too_large(scope, send_with_id)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+    async def _too_large(self, scope: Scope, send: Callable[[Message], Awaitable[None]]) -> None:
+        resp = from_exception(
+            RequestTooLarge(f"Request body is larger than {self.max_body_bytes} bytes.")
+        )
+        resp.headers["connection"] = "close"
+        await resp(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

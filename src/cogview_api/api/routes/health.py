@@ -1,0 +1,41 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from cogview_api.api.deps import DbDep, SettingsDep
+from cogview_api.api.errors import error_response
+from cogview_api.errors import ServiceUnavailable
+from cogview_api.store import queue
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is alive")
+def healthz() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Database reachable and a worker has the model loaded")
+def readyz(db: DbDep, settings: SettingsDep) -> Any:
+    if not db.ping():
+        return error_response(
+            503, "service_unavailable", "The database is unreachable.", headers={"Retry-After": "5"}
+        )
+    try:
+        with db.read() as conn:
+            ready = queue.ready_workers(conn, within_seconds=max(30.0, 3 * settings.lease_seconds))
+    except ServiceUnavailable:
+        ready = 0
+    if ready == 0:
+        return error_response(
+            503,
+            "service_unavailable",
+            "No worker has the model loaded yet.",
+            headers={"Retry-After": "5"},
+        )
+    return JSONResponse({"status": "ready", "workers": ready})

@@ -1,0 +1,110 @@
+"""The native API, `/api/v1`: the hosted CogView 4 API and our extensions."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
+from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.present import task_created, task_public
+from cogview_api.api.schemas import (
+    AccountPublic,
+    Envelope,
+    ErrorBody,
+    GenerationCreate,
+    TaskList,
+)
+from cogview_api.errors import InvalidRequest
+from cogview_api.services import generation
+from cogview_api.services import keys as key_service
+
+router = APIRouter(prefix="/api/v1", tags=["native"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 402, 403, 404, 409, 413, 429, 500, 503)
+}
+
+
+def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise InvalidRequest("Content-Type must be application/json.")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("Request body must be a JSON object.")
+    return data
+
+
+@router.post(
+    "/images/generations",
+    response_model=Envelope,
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/GenerationCreate"}}
+            },
+        }
+    },
+    summary="Create an image generation task",
+)
+async def create_generation(
+    request: Request, key: CurrentKey, db: DbDep, settings: SettingsDep
+) -> dict[str, Any]:
+    data = parse_json_object(request, await request.body())
+    try:
+        body = GenerationCreate.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from exc
+    task = await run_in_threadpool(
+        generation.submit, db, settings, key=key, request=body.to_domain()
+    )
+    return {"code": 200, "message": "success", "data": task_created(task)}
+
+
+@router.get("/tasks/{task_id}", response_model=Envelope, responses=ERRORS, summary="Get a task")
+def get_task(task_id: str, key: CurrentKey, db: DbDep, base: BaseUrl) -> dict[str, Any]:
+    task = generation.get_task(db, key=key, task_id=task_id)
+    return {"code": 200, "message": "success", "data": task_public(task, base)}
+
+
+@router.get("/tasks", response_model=Envelope, responses=ERRORS, summary="List your tasks")
+def list_tasks(
+    key: CurrentKey,
+    db: DbDep,
+    base: BaseUrl,
+    status: Annotated[str | None, Query(description="IN_PROGRESS, COMPLETED, ...")] = None,
+    limit: Annotated[int, Query()] = 20,
+    cursor: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
+    page, next_cursor = generation.list_tasks(
+        db, key=key, status=status, limit=limit, cursor=cursor
+    )
+    data = TaskList(
+        tasks=[task_public(t, base) for t in page],
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
+    )
+    return {"code": 200, "message": "success", "data": data}
+
+
+@router.get("/account", response_model=Envelope, responses=ERRORS, summary="Your key's account")
+def get_account(key: CurrentKey, db: DbDep) -> dict[str, Any]:
+    acct = key_service.account(db, key)
+    data = AccountPublic(
+        key_id=acct.key.id,
+        name=acct.key.name,
+        balance=acct.key.balance,
+        images_generated=acct.images_generated,
+        credits_spent=acct.credits_spent,
+    )
+    return {"code": 200, "message": "success", "data": data}

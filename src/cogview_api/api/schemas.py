@@ -1,0 +1,192 @@
+"""Wire schemas of the native API, named by role. Separate from the domain types."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cogview_api.domain import (
+    MAX_IMAGES_PER_REQUEST,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_USER_ID_CHARS,
+    MODEL_NAMES,
+    GenerationRequest,
+    parse_size,
+)
+
+
+class GenerationCreate(BaseModel):
+    """Client -> server: the body of POST /api/v1/images/generations."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "cogview-4",
+                    "prompt": "A futuristic robot assistant helping in a modern kitchen, "
+                    "clean design",
+                    "size": "1024*1024",
+                    "quality": "hd",
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="`cogview-4` or `cogview-4-250304`.")
+    prompt: str = Field(description="1..1000 characters after trimming.")
+    size: str = Field(
+        default="1024*1024",
+        description="`W*H` or `WxH`: a preset, or 512..2048 per side, divisible by 16, "
+        "at most 2^21 pixels.",
+    )
+    quality: Literal["standard", "hd"] = "hd"
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    callback_url: str | None = Field(
+        default=None, description="Not available yet on this server: refused with 400."
+    )
+    user_id: str | None = Field(default=None, max_length=MAX_USER_ID_CHARS)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if value not in MODEL_NAMES:
+            raise ValueError("model must be one of " + ", ".join(MODEL_NAMES))
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("prompt must not be empty")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        return str(parse_size(value))
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("webhooks (callback_url) are not available on this server yet")
+        return value
+
+    def to_domain(self) -> GenerationRequest:
+        return GenerationRequest(
+            model=self.model,
+            prompt=self.prompt,
+            size=parse_size(self.size),
+            quality=self.quality,
+            n=self.n,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            output_format=self.output_format,
+            user_id=self.user_id,
+            callback_url=self.callback_url,
+        )
+
+
+class ImagePublic(BaseModel):
+    url: str
+    width: int
+    height: int
+    seed: int
+    format: str
+
+
+class ProgressPublic(BaseModel):
+    stage: Literal["queued", "encoding", "denoising", "decoding", "saving", "done"]
+    percent: int
+    step: int
+    total_steps: int
+    queue_position: int | None = None
+
+
+class RequestPublic(BaseModel):
+    prompt: str
+    negative_prompt: str
+    size: str
+    quality: str
+    n: int
+    seed: int | None
+    output_format: str
+    user_id: str | None
+
+
+class CreditsPublic(BaseModel):
+    charged: int
+    refunded: int
+
+
+class ErrorDetail(BaseModel):
+    code: int
+    message: str
+    type: str
+    param: str | None = None
+
+
+class TaskPublic(BaseModel):
+    """Server -> client: a task as GET /api/v1/tasks/{id} shows it."""
+
+    task_id: str
+    model: str
+    status: Literal["IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None
+    request: RequestPublic
+    progress: ProgressPublic
+    images: list[ImagePublic]
+    credits: CreditsPublic
+    error: ErrorDetail | None
+
+
+class TaskCreated(BaseModel):
+    """Server -> client: the creation answer (the hosted API's shape, plus extensions)."""
+
+    task_id: str
+    status: Literal["IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+    created_at: datetime
+    credits_charged: int
+    queue_position: int | None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskPublic]
+    next_cursor: str | None
+    has_more: bool
+
+
+class AccountPublic(BaseModel):
+    key_id: str
+    name: str
+    balance: int
+    images_generated: int
+    credits_spent: int
+
+
+class Envelope(BaseModel):
+    """Every success: `{"code": 200, "message": "success", "data": ...}`."""
+
+    code: int = 200
+    message: str = "success"
+    data: Any
+
+
+class ErrorBody(BaseModel):
+    """Every error, from every route."""
+
+    error: ErrorDetail

@@ -1,0 +1,140 @@
+"""The `cogview-api` command: thin, parses flags and calls services."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from cogview_api.config import Settings
+from cogview_api.errors import CogviewError, EngineLoadError
+from cogview_api.services import keys as key_service
+from cogview_api.store.db import Database
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cogview-api", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="API + try-it page + in-process worker(s)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="hub id or folder of CogView4-6B weights, or 'tiny'")
+    serve.add_argument("--workers", type=int, help="in-process workers; 0 = API only")
+    serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+
+    worker = sub.add_parser("worker", help="a worker process taking tasks from the database")
+    worker.add_argument("--model")
+    worker.add_argument("--device")
+
+    sub.add_parser("migrate", help="bring the database schema up to date")
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create a key; prints it once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--credits", type=int, default=0)
+    create.add_argument("--json", action="store_true")
+    lst = keys.add_parser("list", help="list keys")
+    lst.add_argument("--json", action="store_true")
+    revoke = keys.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+
+    credits = sub.add_parser("credits", help="credit ledger").add_subparsers(
+        dest="credits_command", required=True
+    )
+    grant = credits.add_parser("grant", help="add (or, negative, remove) credits")
+    grant.add_argument("key_id")
+    grant.add_argument("amount", type=int)
+    grant.add_argument("--note")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("host", "port", "model", "workers", "device")
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def _db(settings: Settings) -> Database:
+    db = Database(settings.database_url)
+    db.migrate()
+    return db
+
+
+def _key_dict(key: Any) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "balance": key.balance,
+        "created_at": key.created_at.isoformat(),
+        "revoked": key.revoked_at is not None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"cogview-api: invalid setting {err['loc'][0]}: {err['msg']}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, settings)
+    except EngineLoadError as exc:
+        print(f"cogview-api: {exc.message}", file=sys.stderr)
+        return 2
+    except CogviewError as exc:
+        print(f"cogview-api: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command in ("serve", "worker"):
+        from cogview_api import server
+
+        server.configure_logging(settings.log_level)
+        if args.command == "serve":
+            server.serve(settings)
+        else:
+            server.run_worker(settings)
+        return 0
+    db = _db(settings)
+    if args.command == "migrate":
+        print("database schema is up to date")
+    elif args.command == "keys" and args.keys_command == "create":
+        key, secret = key_service.create_key(db, name=args.name, credits=args.credits)
+        if args.json:
+            print(json.dumps({**_key_dict(key), "key": secret}))
+        else:
+            print(f"created {key.id} ({key.name}) with {key.balance} credits")
+            print(f"API key (shown once, store it now): {secret}")
+    elif args.command == "keys" and args.keys_command == "list":
+        keys = [_key_dict(k) for k in key_service.list_keys(db)]
+        if args.json:
+            print(json.dumps(keys))
+        else:
+            for k in keys:
+                state = "revoked" if k["revoked"] else "active"
+                print(f"{k['id']}  {k['prefix']}…  {k['balance']:>8}  {state:8}  {k['name']}")
+    elif args.command == "keys" and args.keys_command == "revoke":
+        key = key_service.revoke_key(db, args.key_id)
+        print(f"revoked {key.id} ({key.name})")
+    elif args.command == "credits":
+        key = key_service.grant_credits(db, key_id=args.key_id, amount=args.amount, note=args.note)
+        print(f"{key.id}: balance {key.balance}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

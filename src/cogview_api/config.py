@@ -1,0 +1,67 @@
+"""One settings object, read from `COGVIEW_*` variables, validated at start and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "THUDM/CogView4-6B"
+TINY_MODEL = "tiny"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Flags of the CLI override these."""
+
+    model_config = SettingsConfigDict(env_prefix="COGVIEW_", extra="ignore")
+
+    # Where things live.
+    database_url: str = "sqlite:///./cogview-data/cogview.db"
+    storage_url: str = "file://./cogview-data/images"
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cogview-api")
+    public_url: str | None = None
+    admin_token: str | None = None
+
+    # The model and how it runs.
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    steps_hd: int = Field(default=50, ge=1, le=200)
+    steps_standard: int = Field(default=20, ge=1, le=200)
+    guidance_scale: float = Field(default=3.5, ge=1.0, le=20.0)
+
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=0, le=16)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_queue: int = Field(default=1000, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Credits: price per image by quality.
+    price_standard: int = Field(default=4, ge=0)
+    price_hd: int = Field(default=4, ge=0)
+
+    # The queue.
+    lease_seconds: float = Field(default=60.0, gt=0.5)
+    max_attempts: int = Field(default=3, ge=1)
+    poll_interval: float = Field(default=0.5, gt=0.0)
+    max_batch_size: int = Field(default=1, ge=1, le=16)
+    retention_days: float = Field(default=7.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("COGVIEW_ADMIN_TOKEN must be at least 16 characters")
+        return self
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY_MODEL
+
+    def steps_for(self, quality: str) -> int:
+        return self.steps_hd if quality == "hd" else self.steps_standard
+
+    def price_for(self, quality: str) -> int:
+        return self.price_hd if quality == "hd" else self.price_standard

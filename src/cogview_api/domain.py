@@ -1,0 +1,200 @@
+"""Pure types of the domain: states, stages, sizes, generation requests. No I/O here."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+MODEL_NAMES = ("cogview-4", "cogview-4-250304")
+MAX_PROMPT_CHARS = 1000
+MAX_USER_ID_CHARS = 128
+MAX_IMAGES_PER_REQUEST = 4
+MAX_SEED = 2**32 - 1
+MAX_PIXELS = 2**21
+PRESET_SIZES = (
+    (1024, 1024),
+    (768, 1344),
+    (864, 1152),
+    (1344, 768),
+    (1152, 864),
+    (1440, 720),
+    (720, 1440),
+)
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+QUALITIES = ("standard", "hd")
+TASK_ID_SUFFIX = "_cv4"
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life. The `tasks` row is also the queue item."""
+
+    QUEUED = "queued"  # waiting to be claimed by a worker
+    RUNNING = "running"  # claimed; a worker holds a lease on it
+    COMPLETED = "completed"  # images stored; terminal
+    FAILED = "failed"  # credits refunded; terminal
+    CANCELLED = "cancelled"  # credits refunded; terminal
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
+
+    @property
+    def wire_status(self) -> str:
+        """The hosted API's status word: waiting and running are both IN_PROGRESS."""
+        if self in (TaskState.QUEUED, TaskState.RUNNING):
+            return "IN_PROGRESS"
+        return self.value.upper()
+
+
+class Stage(StrEnum):
+    QUEUED = "queued"
+    ENCODING = "encoding"
+    DENOISING = "denoising"
+    DECODING = "decoding"
+    SAVING = "saving"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Size:
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return f"{self.width}*{self.height}"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[*xX×]\s*(\d{1,5})\s*$")
+
+
+def parse_size(text: str) -> Size:
+    """`W*H` or `WxH`: a preset, or 512..2048 per side, both divisible by 16, W*H <= 2^21.
+
+    Raises ValueError with a sentence a client can act on.
+    """
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(f"size must look like '1024*1024' (width*height), got {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if (width, height) in PRESET_SIZES:
+        return Size(width, height)
+    if not (512 <= width <= 2048 and 512 <= height <= 2048):
+        raise ValueError("size: width and height must each be between 512 and 2048")
+    if width % 16 or height % 16:
+        raise ValueError("size: width and height must both be divisible by 16")
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"size: width*height must be at most {MAX_PIXELS} pixels")
+    return Size(width, height)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request, independent of the surface (native, OpenAI, Zhipu) it came from."""
+
+    model: str
+    prompt: str
+    size: Size
+    quality: str
+    n: int
+    negative_prompt: str = ""
+    seed: int | None = None
+    output_format: str = "png"
+    user_id: str | None = None
+    callback_url: str | None = None
+
+
+def new_task_id() -> str:
+    """Opaque, URL-safe, 128 random bits, ending in `_cv4` like the hosted API's ids."""
+    return secrets.token_urlsafe(16) + TASK_ID_SUFFIX
+
+
+def new_image_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def image_seeds(seed: int | None, n: int) -> list[int]:
+    """One seed per image: consecutive from the given one, or random. Stored at submit so a
+    retried task draws the same images."""
+    base = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+    return [(base + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    token: str
+    index: int
+    width: int
+    height: int
+    seed: int
+    format: str
+    storage_key: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the store holds it."""
+
+    id: str
+    seq: int
+    key_id: str
+    state: TaskState
+    stage: Stage
+    model: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    quality: str
+    steps: int
+    guidance_scale: float
+    n: int
+    seeds: tuple[int, ...]
+    seed_given: bool
+    output_format: str
+    user_id: str | None
+    callback_url: str | None
+    step: int
+    attempts: int
+    credits_charged: int
+    credits_refunded: int
+    error_code: int | None
+    error_type: str | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None
+    worker_id: str | None = None
+    images: tuple[ImageRecord, ...] = ()
+    queue_position: int | None = None
+
+    @property
+    def size(self) -> Size:
+        return Size(self.width, self.height)
+
+    @property
+    def percent(self) -> int:
+        if self.state is TaskState.COMPLETED:
+            return 100
+        if self.stage in (Stage.QUEUED, Stage.ENCODING) or self.steps == 0:
+            return 0
+        # Denoising is the bulk of the work; decoding and saving fill the last few percent.
+        pct = int(95 * self.step / self.steps)
+        if self.stage is Stage.DECODING:
+            pct = 96
+        elif self.stage is Stage.SAVING:
+            pct = 98
+        return min(pct, 99)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    prefix: str
+    balance: int
+    created_at: datetime
+    revoked_at: datetime | None

@@ -1,0 +1,55 @@
+"""The engine seam. Only `cogview4.py` and `tiny.py` import torch or diffusers, and they are
+imported lazily by `load_engine`, so the API process never loads torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from cogview_api.config import Settings
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """One task's worth of work: `len(seeds)` images of one prompt."""
+
+    task_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+
+
+# Called with (task_id, stage, step); stage is "denoising" or "decoding".
+ProgressFn = Callable[[str, str, int], None]
+
+
+class Engine(Protocol):
+    """Turns jobs into images.
+
+    Contract: `generate` returns, for each job in order, one image per seed of that job, each
+    `width` x `height`. An image depends only on (prompt, negative prompt, size, steps,
+    guidance, seed): never on what else is in the batch. Failures raise `EngineError`
+    (`EngineOutOfMemory` for device memory); the engine stays usable for the next call.
+    `progress` is called from the generating thread after every denoising step.
+    """
+
+    name: str
+    device: str
+
+    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image]]: ...
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load the configured model. Raises EngineLoadError with a sentence saying what to do."""
+    from cogview_api.engine.cogview4 import CogView4Engine
+
+    return CogView4Engine.load(settings)

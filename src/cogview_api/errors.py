@@ -1,0 +1,97 @@
+"""The service's exceptions: one tree, each class knowing its HTTP status and wire `type`.
+
+    CogviewError
+    ├── InvalidRequest            400 invalid_request      (bad JSON, bad or unknown field)
+    ├── AuthenticationFailed      401 authentication_error (missing or unknown key)
+    ├── InsufficientCredits       402 insufficient_credits
+    ├── PermissionDenied          403 permission_denied    (revoked key, admin route)
+    ├── NotFound                  404 not_found            (route, task, image, another key's task)
+    ├── MethodNotAllowed          405 invalid_request
+    ├── Conflict                  409 conflict
+    ├── RequestTooLarge           413 request_too_large
+    ├── ServiceUnavailable        503 service_unavailable  (queue full, no engine)
+    └── EngineError               500 server_error         (raised by engines; fails one task)
+        ├── EngineOutOfMemory
+        └── EngineLoadError       (model cannot be loaded; the CLI prints it and exits)
+
+Anything else that escapes to the API is a bug: 500 server_error, logged with a request id.
+"""
+
+from __future__ import annotations
+
+
+class CogviewError(Exception):
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(CogviewError):
+    status = 400
+    type = "invalid_request"
+
+
+class AuthenticationFailed(CogviewError):
+    status = 401
+    type = "authentication_error"
+
+    def __init__(self, message: str = "Invalid API key") -> None:
+        super().__init__(message)
+
+
+class InsufficientCredits(CogviewError):
+    status = 402
+    type = "insufficient_credits"
+
+
+class PermissionDenied(CogviewError):
+    status = 403
+    type = "permission_denied"
+
+
+class NotFound(CogviewError):
+    status = 404
+    type = "not_found"
+
+
+class MethodNotAllowed(CogviewError):
+    status = 405
+    type = "invalid_request"
+
+
+class Conflict(CogviewError):
+    status = 409
+    type = "conflict"
+
+
+class RequestTooLarge(CogviewError):
+    status = 413
+    type = "request_too_large"
+
+
+class ServiceUnavailable(CogviewError):
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineError(CogviewError):
+    """A generation failed inside the engine; the task fails and is refunded."""
+
+    status = 500
+    type = "server_error"
+
+
+class EngineOutOfMemory(EngineError):
+    pass
+
+
+class EngineLoadError(EngineError):
+    """The model cannot be loaded here; the message says what to do instead."""

@@ -1,0 +1,88 @@
+"""Composition of the running service: `serve` (API + in-process workers) and `worker`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import uvicorn
+
+from cogview_api.api.app import create_app
+from cogview_api.config import Settings
+from cogview_api.engine import Engine, load_engine
+from cogview_api.storage import open_storage
+from cogview_api.store.db import Database
+from cogview_api.worker.loop import Worker
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "diffusers", "transformers", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def worker_devices(settings: Settings, count: int) -> list[str]:
+    """One device per in-process worker: cuda:0..N-1 when asked for `auto` on a GPU box."""
+    if count <= 1 or settings.device != "auto":
+        return [settings.device] * count
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def load_engines(settings: Settings, count: int) -> list[Engine]:
+    """Load before serving, so a model that cannot load stops the start with its reason."""
+    engines = []
+    for device in worker_devices(settings, count):
+        engines.append(load_engine(settings.model_copy(update={"device": device})))
+    return engines
+
+
+def serve(settings: Settings) -> None:
+    db = Database(settings.database_url)
+    db.migrate()
+    storage = open_storage(settings.storage_url)
+    engines = load_engines(settings, settings.workers)
+    workers = [Worker(settings=settings, db=db, storage=storage, engine=e) for e in engines]
+    threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    app = create_app(settings, db=db, storage=storage)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for w in workers:
+            w.stop.set()
+        for t in threads:
+            # A batch in hand finishes or its lease runs out and another worker takes it.
+            t.join(timeout=30)
+        db.dispose()
+
+
+def run_worker(settings: Settings) -> None:
+    db = Database(settings.database_url)
+    db.migrate()
+    storage = open_storage(settings.storage_url)
+    (engine,) = load_engines(settings, 1)
+    worker = Worker(settings=settings, db=db, storage=storage, engine=engine)
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: finishing the batch in hand, then exiting", signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.run()
+    db.dispose()

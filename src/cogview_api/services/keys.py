@@ -1,0 +1,68 @@
+"""Use cases around keys and credits: authenticate, create, list, revoke, grant, account."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cogview_api.domain import ApiKey
+from cogview_api.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from cogview_api.store import keys as key_store
+from cogview_api.store.db import Database
+
+
+def authenticate(db: Database, secret: str | None) -> ApiKey:
+    if not secret:
+        raise AuthenticationFailed()
+    with db.read() as conn:
+        key = key_store.find_key_by_secret(conn, secret)
+    if key is None:
+        raise AuthenticationFailed()
+    if key.revoked_at is not None:
+        raise PermissionDenied("This API key has been revoked.")
+    return key
+
+
+def create_key(db: Database, *, name: str, credits: int) -> tuple[ApiKey, str]:
+    if not name.strip():
+        raise InvalidRequest("name must not be empty", param="name")
+    with db.write() as conn:
+        return key_store.create_key(conn, name=name.strip(), credits=credits)
+
+
+def list_keys(db: Database) -> list[ApiKey]:
+    with db.read() as conn:
+        return key_store.list_keys(conn)
+
+
+def revoke_key(db: Database, key_id: str) -> ApiKey:
+    with db.write() as conn:
+        return key_store.revoke_key(conn, key_id)
+
+
+def grant_credits(db: Database, *, key_id: str, amount: int, note: str | None = None) -> ApiKey:
+    """A ledger entry, never an overwrite. A negative amount is an adjustment downwards."""
+    if amount == 0:
+        raise InvalidRequest("amount must not be zero", param="amount")
+    with db.write() as conn:
+        key_store.add_credits(
+            conn,
+            key_id=key_id,
+            amount=amount,
+            kind="grant" if amount > 0 else "adjust",
+            note=note,
+        )
+        return key_store.get_key(conn, key_id)
+
+
+@dataclass(frozen=True)
+class Account:
+    key: ApiKey
+    images_generated: int
+    credits_spent: int
+
+
+def account(db: Database, key: ApiKey) -> Account:
+    with db.read() as conn:
+        current = key_store.get_key(conn, key.id)
+        generated, spent = key_store.account_totals(conn, key.id)
+    return Account(key=current, images_generated=generated, credits_spent=spent)

@@ -1,0 +1,127 @@
+"""The database handle: one SQLAlchemy engine, read and write transactions, migrations.
+
+SQLite runs in WAL mode with a busy timeout, and write transactions start with
+`BEGIN IMMEDIATE` so two writers queue on the lock instead of failing on an upgrade.
+PostgreSQL is a URL change (psycopg 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from cogview_api.errors import ServiceUnavailable
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here, not the SQLAlchemy default psycopg2."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _sqlite_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},
+        pool_size=8,
+        max_overflow=8,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("cogview_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """Owns the engine. `read()` and `write()` give a connection inside one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        if self.url.startswith("sqlite"):
+            self.engine = _sqlite_engine(self.url)
+        else:
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with _translated(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with (
+            _translated(),
+            self.engine.connect().execution_options(cogview_write=True) as conn,
+            conn.begin(),
+        ):
+            yield conn
+
+    def ping(self) -> bool:
+        try:
+            with self.read() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except ServiceUnavailable:
+            return False
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        command.upgrade(alembic_config(self.url, self.engine), "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(url: str, engine: Engine | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if engine is not None:
+        cfg.attributes["engine"] = engine
+    return cfg
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """A database that cannot be reached is a 503 to clients, not a driver exception."""
+    try:
+        yield
+    except OperationalError as exc:
+        if "locked" in str(exc.orig).lower() or _is_disconnect(exc):
+            raise ServiceUnavailable("The database is unavailable; try again shortly.") from exc
+        raise
+
+
+def _is_disconnect(exc: OperationalError) -> bool:
+    return bool(exc.connection_invalidated) or "connect" in str(exc.orig).lower()

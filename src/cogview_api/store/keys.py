@@ -1,0 +1,128 @@
+"""API keys and the credit ledger. Balances change only together with a ledger row."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from cogview_api.domain import ApiKey
+from cogview_api.errors import InsufficientCredits, InvalidRequest, NotFound
+from cogview_api.store.tables import api_keys, images, ledger, tasks, utcnow
+
+KEY_PREFIX = "cv4_"
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(conn: Connection, *, name: str, credits: int) -> tuple[ApiKey, str]:
+    """Make a key; returns it and the secret, which is never stored and never shown again."""
+    if credits < 0:
+        raise InvalidRequest("credits must not be negative", param="credits")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = "key_" + secrets.token_hex(8)
+    now = utcnow()
+    conn.execute(
+        insert(api_keys).values(
+            id=key_id,
+            name=name,
+            key_hash=hash_key(secret),
+            prefix=secret[:10],
+            balance=0,
+            created_at=now,
+        )
+    )
+    if credits:
+        add_credits(conn, key_id=key_id, amount=credits, kind="grant", note="initial credits")
+    return get_key(conn, key_id), secret
+
+
+def get_key(conn: Connection, key_id: str) -> ApiKey:
+    row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+    if row is None:
+        raise NotFound(f"No key with id {key_id!r}.")
+    return _key(row)
+
+
+def find_key_by_secret(conn: Connection, secret: str) -> ApiKey | None:
+    # Lookup by a SHA-256 of the secret: the comparison never touches the secret itself,
+    # so its timing says nothing about how much of a guess was right.
+    row = conn.execute(select(api_keys).where(api_keys.c.key_hash == hash_key(secret))).first()
+    return None if row is None else _key(row)
+
+
+def list_keys(conn: Connection) -> list[ApiKey]:
+    return [_key(r) for r in conn.execute(select(api_keys).order_by(api_keys.c.created_at))]
+
+
+def revoke_key(conn: Connection, key_id: str) -> ApiKey:
+    get_key(conn, key_id)
+    conn.execute(
+        update(api_keys)
+        .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    return get_key(conn, key_id)
+
+
+def add_credits(
+    conn: Connection,
+    *,
+    key_id: str,
+    amount: int,
+    kind: str,
+    task_id: str | None = None,
+    note: str | None = None,
+) -> None:
+    """Move credits by `amount` (signed). Raises InsufficientCredits rather than go below zero."""
+    result = conn.execute(
+        update(api_keys)
+        .where(api_keys.c.id == key_id, api_keys.c.balance + amount >= 0)
+        .values(balance=api_keys.c.balance + amount)
+    )
+    if result.rowcount != 1:
+        get_key(conn, key_id)  # NotFound for an unknown key
+        raise InsufficientCredits("Insufficient credits for this request.")
+    conn.execute(
+        insert(ledger).values(
+            key_id=key_id, kind=kind, amount=amount, task_id=task_id, note=note, created_at=utcnow()
+        )
+    )
+
+
+def account_totals(conn: Connection, key_id: str) -> tuple[int, int]:
+    """(images generated, credits spent net of refunds) for one key."""
+    spent = conn.execute(
+        select(func.coalesce(func.sum(ledger.c.amount), 0)).where(
+            ledger.c.key_id == key_id, ledger.c.kind.in_(("reserve", "refund"))
+        )
+    ).scalar_one()
+    generated = conn.execute(
+        select(func.count())
+        .select_from(images.join(tasks, images.c.task_id == tasks.c.id))
+        .where(tasks.c.key_id == key_id)
+    ).scalar_one()
+    return int(generated), -int(spent)
+
+
+def ledger_sum(conn: Connection, key_id: str) -> int:
+    return int(
+        conn.execute(
+            select(func.coalesce(func.sum(ledger.c.amount), 0)).where(ledger.c.key_id == key_id)
+        ).scalar_one()
+    )
+
+
+def _key(row: object) -> ApiKey:
+    m = row._mapping  # type: ignore[attr-defined]
+    return ApiKey(
+        id=m["id"],
+        name=m["name"],
+        prefix=m["prefix"],
+        balance=int(m["balance"]),
+        created_at=m["created_at"],
+        revoked_at=m["revoked_at"],
+    )

@@ -1,0 +1,157 @@
+"""SQLAlchemy Core tables. The `tasks` table is both the record of a task and the queue item."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on SQLite (which keeps no zone) and PostgreSQL alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("balance", BigInteger, nullable=False, default=0),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    CheckConstraint("balance >= 0", name="balance_not_negative"),
+)
+
+# Append-only: every credit movement, so any balance can be traced to its rows.
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("kind", String(16), nullable=False),  # grant | reserve | refund | adjust
+    Column("amount", BigInteger, nullable=False),  # signed: reserve < 0, refund > 0
+    Column("task_id", String(64), nullable=True),
+    Column("note", String(200), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_ledger_key_id", "key_id"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # queue order and list cursor
+    Column("id", String(64), nullable=False, unique=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("negative_prompt", Text, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("quality", String(16), nullable=False),
+    Column("steps", Integer, nullable=False),
+    Column("guidance_scale", Float, nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("seeds", JSON, nullable=False),
+    Column("seed_given", Boolean, nullable=False),
+    Column("output_format", String(8), nullable=False),
+    Column("user_id", String(128), nullable=True),
+    Column("callback_url", Text, nullable=True),
+    Column("step", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("worker_id", String(64), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("credits_charged", BigInteger, nullable=False),
+    Column("credits_refunded", BigInteger, nullable=False, default=0),
+    Column("error_code", Integer, nullable=True),
+    Column("error_type", String(32), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Index("ix_tasks_key_seq", "key_id", "seq"),
+    Index("ix_tasks_state_seq", "state", "seq"),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("format", String(8), nullable=False),
+    Column("storage_key", Text, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=True),
+    Index("ix_images_task_id", "task_id"),
+    Index("ix_images_expires_at", "expires_at"),
+)
+
+# Workers announce themselves here; /readyz reads it from any API process.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("model", String(200), nullable=False),
+    Column("device", String(32), nullable=False),
+    Column("ready", Boolean, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,302 @@
+"""Task records: insert with a credit reservation, read, list, and the terminal transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, select, update
+
+from cogview_api.domain import (
+    GenerationRequest,
+    ImageRecord,
+    Stage,
+    Task,
+    TaskState,
+    image_seeds,
+    new_task_id,
+)
+from cogview_api.errors import NotFound, ServiceUnavailable
+from cogview_api.store.keys import add_credits
+from cogview_api.store.tables import images, tasks, utcnow
+
+
+def insert_task(
+    conn: Connection,
+    *,
+    key_id: str,
+    request: GenerationRequest,
+    steps: int,
+    guidance_scale: float,
+    price: int,
+    max_attempts: int,
+    max_queue: int,
+) -> Task:
+    """Reserve `price` credits and enqueue the task, in the caller's one transaction.
+
+    Raises InsufficientCredits or ServiceUnavailable (queue full); either way the caller's
+    transaction rolls back and nothing is written.
+    """
+    waiting = conn.execute(
+        select(func.count()).select_from(tasks).where(tasks.c.state == TaskState.QUEUED)
+    ).scalar_one()
+    if waiting >= max_queue:
+        raise ServiceUnavailable("The queue is full; try again shortly.", retry_after=10)
+    task_id = new_task_id()
+    add_credits(conn, key_id=key_id, amount=-price, kind="reserve", task_id=task_id)
+    conn.execute(
+        insert(tasks).values(
+            id=task_id,
+            key_id=key_id,
+            state=TaskState.QUEUED,
+            stage=Stage.QUEUED,
+            model=request.model,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.size.width,
+            height=request.size.height,
+            quality=request.quality,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            n=request.n,
+            seeds=image_seeds(request.seed, request.n),
+            seed_given=request.seed is not None,
+            output_format=request.output_format,
+            user_id=request.user_id,
+            callback_url=request.callback_url,
+            step=0,
+            attempts=0,
+            max_attempts=max_attempts,
+            credits_charged=price,
+            credits_refunded=0,
+            created_at=utcnow(),
+        )
+    )
+    return get_task(conn, task_id)
+
+
+def get_task(conn: Connection, task_id: str, *, key_id: str | None = None) -> Task:
+    """The task, with images and queue position. With `key_id`, another key's task is NotFound."""
+    query = select(tasks).where(tasks.c.id == task_id)
+    if key_id is not None:
+        query = query.where(tasks.c.key_id == key_id)
+    row = conn.execute(query).first()
+    if row is None:
+        raise NotFound(f"No task with id {task_id!r}.")
+    task = _task(row._mapping, _images(conn, [task_id]).get(task_id, ()))
+    if task.state is TaskState.QUEUED:
+        ahead = conn.execute(
+            select(func.count())
+            .select_from(tasks)
+            .where(tasks.c.state == TaskState.QUEUED, tasks.c.seq < task.seq)
+        ).scalar_one()
+        task = replace(task, queue_position=int(ahead) + 1)
+    return task
+
+
+def list_tasks(
+    conn: Connection,
+    *,
+    key_id: str,
+    limit: int,
+    before_seq: int | None = None,
+    states: Sequence[TaskState] | None = None,
+) -> list[Task]:
+    """The key's tasks, newest first, strictly older than `before_seq` when given."""
+    query = select(tasks).where(tasks.c.key_id == key_id)
+    if before_seq is not None:
+        query = query.where(tasks.c.seq < before_seq)
+    if states:
+        query = query.where(tasks.c.state.in_([s.value for s in states]))
+    rows = conn.execute(query.order_by(tasks.c.seq.desc()).limit(limit)).all()
+    imgs = _images(conn, [r.id for r in rows])
+    return [_task(r._mapping, imgs.get(r.id, ())) for r in rows]
+
+
+def complete_task(
+    conn: Connection,
+    *,
+    task_id: str,
+    worker_id: str,
+    records: Sequence[ImageRecord],
+    retention: timedelta,
+) -> bool:
+    """Mark a running task done with its images. False if this worker no longer owns it."""
+    now = utcnow()
+    expires = now + retention
+    result = conn.execute(
+        update(tasks)
+        .where(_owned(task_id, worker_id))
+        .values(
+            state=TaskState.COMPLETED,
+            stage=Stage.DONE,
+            step=tasks.c.steps,
+            completed_at=now,
+            expires_at=expires,
+            lease_expires_at=None,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    conn.execute(
+        insert(images),
+        [
+            {
+                "token": r.token,
+                "task_id": task_id,
+                "idx": r.index,
+                "width": r.width,
+                "height": r.height,
+                "seed": r.seed,
+                "format": r.format,
+                "storage_key": r.storage_key,
+                "expires_at": expires,
+            }
+            for r in records
+        ],
+    )
+    return True
+
+
+def fail_task(
+    conn: Connection,
+    *,
+    task_id: str,
+    error_code: int,
+    error_type: str,
+    message: str,
+    worker_id: str | None = None,
+    state: TaskState = TaskState.FAILED,
+) -> bool:
+    """Move a live task to FAILED (or CANCELLED) and refund it, in one transaction.
+
+    With `worker_id`, only if that worker still holds the task. False if nothing changed.
+    """
+    live = tasks.c.state.in_([TaskState.QUEUED, TaskState.RUNNING])
+    where = _owned(task_id, worker_id) if worker_id else and_(tasks.c.id == task_id, live)
+    row = conn.execute(select(tasks.c.key_id, tasks.c.credits_charged).where(where)).first()
+    if row is None:
+        return False
+    result = conn.execute(
+        update(tasks)
+        .where(where)
+        .values(
+            state=state,
+            credits_refunded=row.credits_charged,
+            error_code=error_code,
+            error_type=error_type,
+            error_message=message,
+            completed_at=utcnow(),
+            lease_expires_at=None,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    if row.credits_charged:
+        add_credits(
+            conn, key_id=row.key_id, amount=int(row.credits_charged), kind="refund", task_id=task_id
+        )
+    return True
+
+
+def set_progress(
+    conn: Connection, *, task_id: str, worker_id: str, stage: Stage, step: int | None = None
+) -> bool:
+    values: dict[str, Any] = {"stage": stage}
+    if step is not None:
+        values["step"] = step
+    result = conn.execute(update(tasks).where(_owned(task_id, worker_id)).values(**values))
+    return result.rowcount == 1
+
+
+def expired_images(conn: Connection, now: datetime, limit: int = 500) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        select(images.c.token, images.c.storage_key)
+        .where(images.c.expires_at <= now, images.c.deleted_at.is_(None))
+        .limit(limit)
+    ).all()
+    return [(r.token, r.storage_key) for r in rows]
+
+
+def mark_images_deleted(conn: Connection, tokens: Sequence[str]) -> None:
+    if tokens:
+        conn.execute(update(images).where(images.c.token.in_(tokens)).values(deleted_at=utcnow()))
+
+
+def find_image(conn: Connection, token: str) -> tuple[str, str, datetime] | None:
+    """(storage key, format, expiry) of a live image, or None."""
+    row = conn.execute(
+        select(images.c.storage_key, images.c.format, images.c.expires_at).where(
+            images.c.token == token, images.c.deleted_at.is_(None)
+        )
+    ).first()
+    return None if row is None else (row.storage_key, row.format, row.expires_at)
+
+
+def _owned(task_id: str, worker_id: str | None) -> Any:
+    return and_(
+        tasks.c.id == task_id,
+        tasks.c.state == TaskState.RUNNING,
+        tasks.c.worker_id == worker_id,
+    )
+
+
+def _images(conn: Connection, task_ids: Sequence[str]) -> dict[str, tuple[ImageRecord, ...]]:
+    if not task_ids:
+        return {}
+    rows = conn.execute(
+        select(images).where(images.c.task_id.in_(task_ids)).order_by(images.c.idx)
+    ).all()
+    out: dict[str, list[ImageRecord]] = {}
+    for r in rows:
+        out.setdefault(r.task_id, []).append(
+            ImageRecord(
+                token=r.token,
+                index=r.idx,
+                width=r.width,
+                height=r.height,
+                seed=int(r.seed),
+                format=r.format,
+                storage_key=r.storage_key,
+            )
+        )
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
+    return Task(
+        id=m["id"],
+        seq=m["seq"],
+        key_id=m["key_id"],
+        state=TaskState(m["state"]),
+        stage=Stage(m["stage"]),
+        model=m["model"],
+        prompt=m["prompt"],
+        negative_prompt=m["negative_prompt"],
+        width=m["width"],
+        height=m["height"],
+        quality=m["quality"],
+        steps=m["steps"],
+        guidance_scale=m["guidance_scale"],
+        n=m["n"],
+        seeds=tuple(int(s) for s in m["seeds"]),
+        seed_given=bool(m["seed_given"]),
+        output_format=m["output_format"],
+        user_id=m["user_id"],
+        callback_url=m["callback_url"],
+        step=m["step"],
+        attempts=m["attempts"],
+        credits_charged=int(m["credits_charged"]),
+        credits_refunded=int(m["credits_refunded"]),
+        error_code=m["error_code"],
+        error_type=m["error_type"],
+        error_message=m["error_message"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        completed_at=m["completed_at"],
+        expires_at=m["expires_at"],
+        worker_id=m["worker_id"],
+        images=imgs,
+    )

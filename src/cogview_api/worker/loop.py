@@ -1,0 +1,237 @@
+"""The worker: claims tasks from the store, runs the engine, stores images, settles the task.
+
+One worker drives one engine (one GPU). It can run as a thread inside `cogview-api serve` or
+as its own process (`cogview-api worker`); either way all coordination goes through the
+database, so any number of workers and API processes can share one queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+from cogview_api.config import Settings
+from cogview_api.domain import ImageRecord, Stage, Task, new_image_token
+from cogview_api.engine import Engine, EngineJob
+from cogview_api.errors import CogviewError, EngineError
+from cogview_api.storage import ImageStorage
+from cogview_api.store import queue
+from cogview_api.store import tasks as task_store
+from cogview_api.store.db import Database
+from cogview_api.store.tables import utcnow
+from cogview_api.worker.encode import CONTENT_TYPES, encode_image
+
+log = logging.getLogger(__name__)
+
+CLEANUP_EVERY_S = 300.0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        storage: ImageStorage,
+        engine: Engine,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.storage = storage
+        self.engine = engine
+        self.id = worker_id or new_worker_id()
+        self.stop = threading.Event()
+        self._last_cleanup = 0.0
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Claim and run batches until `stop` is set. Never raises for one bad task."""
+        with self.db.write() as conn:
+            queue.register_worker(
+                conn, worker_id=self.id, model=self.engine.name, device=self.engine.device
+            )
+        log.info("worker %s ready on %s", self.id, self.engine.device)
+        try:
+            while not self.stop.is_set():
+                try:
+                    worked = self.run_once()
+                except CogviewError as exc:  # database briefly unavailable, and the like
+                    log.warning("worker %s: %s", self.id, exc.message)
+                    worked = False
+                if not worked:
+                    self.stop.wait(self.settings.poll_interval)
+        finally:
+            try:
+                with self.db.write() as conn:
+                    queue.unregister_worker(conn, worker_id=self.id)
+            except CogviewError:
+                pass
+
+    def run_once(self) -> bool:
+        """One pass: housekeeping, then at most one batch. True if a batch ran."""
+        with self.db.write() as conn:
+            queue.heartbeat_worker(conn, worker_id=self.id)
+            queue.reclaim_expired(conn)
+        self._cleanup_expired_images()
+        with self.db.write() as conn:
+            ids = queue.claim_batch(
+                conn,
+                worker_id=self.id,
+                limit=self.settings.max_batch_size,
+                lease_seconds=self.settings.lease_seconds,
+            )
+        if not ids:
+            return False
+        with self.db.read() as conn:
+            batch = [task_store.get_task(conn, task_id) for task_id in ids]
+        self.run_batch(batch)
+        return True
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def run_batch(self, batch: Sequence[Task]) -> None:
+        ids = [t.id for t in batch]
+        renewer = _LeaseRenewer(self, ids)
+        renewer.start()
+        try:
+            jobs = [
+                EngineJob(
+                    task_id=t.id,
+                    prompt=t.prompt,
+                    negative_prompt=t.negative_prompt,
+                    width=t.width,
+                    height=t.height,
+                    steps=t.steps,
+                    guidance_scale=t.guidance_scale,
+                    seeds=t.seeds,
+                )
+                for t in batch
+            ]
+            try:
+                results = self.engine.generate(jobs, self._progress)
+            except EngineError as exc:
+                log.warning("engine failed on batch %s: %s", ids, exc.message)
+                for t in batch:
+                    self._fail(t, exc.message)
+                return
+            except Exception:  # a bug in the engine must not take the worker down
+                log.exception("unexpected engine failure on batch %s", ids)
+                for t in batch:
+                    self._fail(t, "The engine failed on this task.")
+                return
+            for task, imgs in zip(batch, results, strict=True):
+                self._finish(task, imgs)
+        finally:
+            renewer.stop()
+
+    def _progress(self, task_id: str, stage: str, step: int) -> None:
+        with self.db.write() as conn:
+            task_store.set_progress(
+                conn, task_id=task_id, worker_id=self.id, stage=Stage(stage), step=step
+            )
+
+    def _finish(self, task: Task, imgs: Sequence[object]) -> None:
+        try:
+            with self.db.write() as conn:
+                task_store.set_progress(
+                    conn, task_id=task.id, worker_id=self.id, stage=Stage.SAVING
+                )
+            records = []
+            for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
+                token = new_image_token()
+                key = f"{task.created_at:%Y/%m/%d}/{task.id}/{index}-{token}.{task.output_format}"
+                data = encode_image(image, task.output_format)  # type: ignore[arg-type]
+                self.storage.put(key, data, CONTENT_TYPES[task.output_format])
+                records.append(
+                    ImageRecord(
+                        token=token,
+                        index=index,
+                        width=image.width,  # type: ignore[attr-defined]
+                        height=image.height,  # type: ignore[attr-defined]
+                        seed=seed,
+                        format=task.output_format,
+                        storage_key=key,
+                    )
+                )
+            with self.db.write() as conn:
+                done = task_store.complete_task(
+                    conn,
+                    task_id=task.id,
+                    worker_id=self.id,
+                    records=records,
+                    retention=timedelta(days=self.settings.retention_days),
+                )
+            if not done:  # lost the lease meanwhile: someone else owns the task now
+                for r in records:
+                    self.storage.delete(r.storage_key)
+        except Exception:
+            log.exception("could not store the images of task %s", task.id)
+            self._fail(task, "The images could not be stored.")
+
+    def _fail(self, task: Task, message: str) -> None:
+        try:
+            with self.db.write() as conn:
+                task_store.fail_task(
+                    conn,
+                    task_id=task.id,
+                    worker_id=self.id,
+                    error_code=500,
+                    error_type="server_error",
+                    message=message,
+                )
+        except CogviewError:
+            log.exception("could not mark task %s failed; its lease will run out", task.id)
+
+    def _cleanup_expired_images(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cleanup < CLEANUP_EVERY_S:
+            return
+        self._last_cleanup = now
+        with self.db.read() as conn:
+            expired = task_store.expired_images(conn, utcnow())
+        for _, key in expired:
+            self.storage.delete(key)
+        with self.db.write() as conn:
+            task_store.mark_images_deleted(conn, [token for token, _ in expired])
+
+
+class _LeaseRenewer:
+    """Renews the batch's leases every third of the lease while the engine works."""
+
+    def __init__(self, worker: Worker, task_ids: list[str]) -> None:
+        self.worker = worker
+        self.task_ids = task_ids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lease-renewer")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = self.worker.settings.lease_seconds / 3
+        while not self._stop.wait(interval):
+            try:
+                with self.worker.db.write() as conn:
+                    queue.renew_leases(
+                        conn,
+                        worker_id=self.worker.id,
+                        task_ids=self.task_ids,
+                        lease_seconds=self.worker.settings.lease_seconds,
+                    )
+            except CogviewError as exc:
+                log.warning("lease renewal failed: %s", exc.message)
