@@ -1,0 +1,189 @@
+"""Test support: real servers on free loopback ports, in a thread or as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from cogview_api.api.app import create_app
+from cogview_api.config import Settings
+from cogview_api.services import keys as key_service
+from cogview_api.store.db import Database
+
+# Small enough for a 2-core CPU; these are settings, not special code paths.
+TEST_ENV = {
+    "COGVIEW_STEPS_HD": "2",
+    "COGVIEW_STEPS_STANDARD": "1",
+    "COGVIEW_POLL_INTERVAL": "0.1",
+    "COGVIEW_LOG_LEVEL": "warning",
+}
+
+EXAMPLE_BODY = {
+    "model": "cogview-4",
+    "prompt": "A futuristic robot assistant helping in a modern kitchen, clean design",
+    "size": "1024*1024",
+    "quality": "hd",
+}
+
+CLI = [sys.executable, "-m", "cogview_api.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# -- in-process server (api tier) ------------------------------------------------------------
+
+
+@dataclass
+class InProcessApi:
+    base_url: str
+    settings: Settings
+    db: Database
+    client: httpx.Client
+
+    def make_key(self, credits: int = 100, name: str = "test") -> str:
+        _, secret = key_service.create_key(self.db, name=name, credits=credits)
+        return secret
+
+
+@contextmanager
+def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
+    """The app from the factory behind a real uvicorn on a free port, in a thread."""
+    db = Database(settings.database_url)
+    db.migrate()
+    app = create_app(settings, db=db)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("in-process server did not start")
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=30) as client:
+        try:
+            yield InProcessApi(base_url=base, settings=settings, db=db, client=client)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            db.dispose()
+
+
+# -- subprocess server (e2e tier) ------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """`cogview-api serve` as a real subprocess, with its own data folder."""
+
+    workdir: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    args: tuple[str, ...] = ("--model", "tiny")
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args], cwd=self.workdir, env=self.env, capture_output=True, text=True,
+            check=check, timeout=120,
+        )
+
+    def make_key(self, credits: int = 1000, name: str = "e2e") -> dict[str, Any]:
+        out = self.cli("keys", "create", "--name", name, "--credits", str(credits), "--json")
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+
+    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
+        self.log = open(self.workdir / f"serve-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--port", str(self.port), *self.args],
+            cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        path = "/readyz" if wait_ready else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log()}")
+            try:
+                if httpx.get(self.base_url + path, timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready in {timeout}s: {self.read_log()}")
+
+    def read_log(self) -> str:
+        return (self.workdir / f"serve-{self.port}.log").read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind, like a crashed machine."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+def server_env(cache_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGVIEW_")}
+    env.update(TEST_ENV)
+    env["COGVIEW_CACHE_DIR"] = str(cache_dir)
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def poll_until_done(
+    client: httpx.Client, task_id: str, key: str, timeout: float = 120
+) -> dict[str, Any]:
+    """Poll like a client of the hosted API: `data.status` until COMPLETED or FAILED."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(f"/api/v1/tasks/{task_id}", headers=auth(key))
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()["data"]
+        if data["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            return data
+        time.sleep(0.2)
+    raise TimeoutError(f"task {task_id} not finished in {timeout}s")
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
