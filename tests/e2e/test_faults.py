@@ -1,0 +1,142 @@
+"""Faults with real processes: a server killed with SIGKILL mid-task, restarts, bad starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import (
+    CLI,
+    EXAMPLE_BODY,
+    ServerProcess,
+    auth,
+    poll_until_done,
+    server_env,
+)
+
+# Slow enough to be killed mid-denoising (about 0.3 s a step at 1024*1024 here), with a
+# short lease so the restarted server takes the task back quickly.
+CRASH_ENV = {"COGVIEW_STEPS_HD": "40", "COGVIEW_LEASE_SECONDS": "2"}
+
+
+def wait_for_stage(client: httpx.Client, task_id: str, key: str, stage: str) -> dict[str, object]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        data = client.get(f"/api/v1/tasks/{task_id}", headers=auth(key)).json()["data"]
+        if data["progress"]["stage"] == stage and data["progress"]["step"] >= 2:
+            return dict(data)
+        time.sleep(0.1)
+    raise TimeoutError(f"task never reached {stage}")
+
+
+def crash_mid_task(workdir: Path, env: dict[str, str]) -> tuple[ServerProcess, str, str]:
+    """Start a server, submit the example, SIGKILL the server while it denoises."""
+    first = ServerProcess(workdir=workdir, env=env).start()
+    key = str(first.make_key(credits=40)["key"])
+    with httpx.Client(base_url=first.base_url, timeout=30) as client:
+        r = client.post("/api/v1/images/generations", json=EXAMPLE_BODY, headers=auth(key))
+        task_id = str(r.json()["data"]["task_id"])
+        wait_for_stage(client, task_id, key, "denoising")
+    first.kill()
+    return first, key, task_id
+
+
+def test_killed_mid_task_is_taken_again_after_restart(tmp_path: Path, tiny_cache: Path) -> None:
+    env = server_env(tiny_cache, CRASH_ENV)
+    _, key, task_id = crash_mid_task(tmp_path, env)
+    second = ServerProcess(workdir=tmp_path, env=env).start()
+    try:
+        with httpx.Client(base_url=second.base_url, timeout=30) as client:
+            task = poll_until_done(client, task_id, key, timeout=120)
+            assert task["status"] == "COMPLETED", task["error"]
+            assert task["credits"] == {"charged": 4, "refunded": 0}
+            (image,) = task["images"]
+            assert httpx.get(image["url"]).status_code == 200
+            acct = client.get("/api/v1/account", headers=auth(key)).json()["data"]
+            assert acct["balance"] == 36 and acct["images_generated"] == 1
+    finally:
+        second.stop()
+
+
+def test_killed_past_max_attempts_fails_with_refund(tmp_path: Path, tiny_cache: Path) -> None:
+    env = server_env(tiny_cache, {**CRASH_ENV, "COGVIEW_MAX_ATTEMPTS": "1"})
+    _, key, task_id = crash_mid_task(tmp_path, env)
+    second = ServerProcess(workdir=tmp_path, env=env).start()
+    try:
+        with httpx.Client(base_url=second.base_url, timeout=30) as client:
+            task = poll_until_done(client, task_id, key, timeout=60)
+            assert task["status"] == "FAILED"
+            assert task["credits"] == {"charged": 4, "refunded": 4}
+            assert task["error"]["type"] == "server_error"
+            assert "abandoned" in task["error"]["message"]
+            assert task["images"] == []
+            acct = client.get("/api/v1/account", headers=auth(key)).json()["data"]
+            assert acct["balance"] == 40
+    finally:
+        second.stop()
+
+
+def test_queued_tasks_survive_a_restart(tmp_path: Path, tiny_cache: Path) -> None:
+    env = server_env(tiny_cache)
+    api_only = ServerProcess(workdir=tmp_path, env=env, args=("--workers", "0"))
+    api_only.start(wait_ready=False)
+    key = str(api_only.make_key(credits=40)["key"])
+    with httpx.Client(base_url=api_only.base_url, timeout=30) as client:
+        body = {**EXAMPLE_BODY, "size": "864*1152"}
+        task_id = client.post(
+            "/api/v1/images/generations", json=body, headers=auth(key)
+        ).json()["data"]["task_id"]
+    api_only.stop()
+    full = ServerProcess(workdir=tmp_path, env=env).start()
+    try:
+        with httpx.Client(base_url=full.base_url, timeout=30) as client:
+            assert poll_until_done(client, task_id, key)["status"] == "COMPLETED"
+    finally:
+        full.stop()
+
+
+def test_api_only_server_never_loads_torch(tmp_path: Path, tiny_cache: Path) -> None:
+    proc = ServerProcess(workdir=tmp_path, env=server_env(tiny_cache), args=("--workers", "0"))
+    proc.start(wait_ready=False)
+    try:
+        assert proc.proc is not None
+        maps = Path(f"/proc/{proc.proc.pid}/maps").read_text()
+        assert "libtorch" not in maps
+        assert httpx.get(proc.base_url + "/readyz").status_code == 503  # no worker here
+    finally:
+        proc.stop()
+
+
+def run_serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "serve", "--port", "0", *args], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_missing_weights_exit_with_one_sentence(tmp_path: Path, tiny_cache: Path) -> None:
+    env = server_env(tiny_cache, {"COGVIEW_DEVICE": "cpu"})
+    # --device cpu skips the GPU check on a GPU box too; a folder that does not exist.
+    env["COGVIEW_MODEL"] = str(tmp_path / "no-such-weights")
+    result = run_serve(tmp_path, env)
+    if "CUDA GPU" in result.stderr:  # this machine has no GPU: that is said first
+        assert "--model tiny" in result.stderr
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(
+    os.path.exists("/dev/nvidia0"), reason="this machine has a GPU: the real model would load"
+)
+def test_real_model_without_gpu_says_what_to_do(tmp_path: Path, tiny_cache: Path) -> None:
+    result = run_serve(tmp_path, server_env(tiny_cache))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "CUDA GPU" in line and "--model tiny" in line
