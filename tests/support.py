@@ -112,8 +112,13 @@ class ServerProcess:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*CLI, *args], cwd=self.workdir, env=self.env, capture_output=True, text=True,
-            check=check, timeout=120,
+            [*CLI, *args],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
         )
 
     def make_key(self, credits: int = 1000, name: str = "e2e") -> dict[str, Any]:
@@ -125,7 +130,10 @@ class ServerProcess:
         self.log = open(self.workdir / f"serve-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--port", str(self.port), *self.args],
-            cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         path = "/readyz" if wait_ready else "/healthz"

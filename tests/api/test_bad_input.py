@@ -70,8 +70,9 @@ def assert_nothing_written(api: InProcessApi, key: str, balance: int) -> None:
     assert listed["tasks"] == []
 
 
-@pytest.mark.parametrize(("payload", "param"), [c[1:] for c in FIELD_CASES],
-                         ids=[c[0] for c in FIELD_CASES])
+@pytest.mark.parametrize(
+    ("payload", "param"), [c[1:] for c in FIELD_CASES], ids=[c[0] for c in FIELD_CASES]
+)
 def test_bad_field_is_400_with_param_and_writes_nothing(
     api: InProcessApi, payload: dict[str, Any], param: str
 ) -> None:
@@ -137,8 +138,12 @@ def test_chunked_body_over_64_kib_is_413(api: InProcessApi) -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer cv4_nope"},
-     {"Authorization": "Basic dXNlcjpwYXNz"}],
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer cv4_nope"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+    ],
     ids=["missing", "empty-bearer", "unknown-key", "basic-auth"],
 )
 def test_missing_or_wrong_key_is_401(api: InProcessApi, headers: dict[str, str]) -> None:
@@ -177,9 +182,7 @@ def test_wrong_method_is_405_envelope(api: InProcessApi) -> None:
 
 def test_insufficient_credits_is_402_and_writes_nothing(api: InProcessApi) -> None:
     key = api.make_key(credits=7)  # one hd image costs 4; two cost 8
-    r = api.client.post(
-        "/api/v1/images/generations", json=body(n=2), headers=auth(key)
-    )
+    r = api.client.post("/api/v1/images/generations", json=body(n=2), headers=auth(key))
     assert_error(r, 402, "insufficient_credits")
     assert_nothing_written(api, key, 7)
 
@@ -199,8 +202,13 @@ def test_unknown_and_foreign_task_are_404(api: InProcessApi) -> None:
 
 @pytest.mark.parametrize(
     ("query", "param"),
-    [("limit=0", "limit"), ("limit=101", "limit"), ("limit=abc", "limit"),
-     ("status=DONE", "status"), ("cursor=%%%", "cursor")],
+    [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=abc", "limit"),
+        ("status=DONE", "status"),
+        ("cursor=%%%", "cursor"),
+    ],
 )
 def test_bad_list_query_is_400(api: InProcessApi, query: str, param: str) -> None:
     key = api.make_key()

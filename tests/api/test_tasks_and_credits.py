@@ -36,21 +36,38 @@ def test_creation_answer_matches_the_hosted_shape(api: InProcessApi) -> None:
 
 def test_task_object_has_every_documented_field(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    task_id = submit(api, key, size="768x1344", seed=42, n=2, user_id="u-1",
-                     negative_prompt="blurry", output_format="webp",
-                     quality="standard").json()["data"]["task_id"]
+    task_id = submit(
+        api,
+        key,
+        size="768x1344",
+        seed=42,
+        n=2,
+        user_id="u-1",
+        negative_prompt="blurry",
+        output_format="webp",
+        quality="standard",
+    ).json()["data"]["task_id"]
     data = api.client.get(f"/api/v1/tasks/{task_id}", headers=auth(key)).json()["data"]
     assert data["task_id"] == task_id and data["model"] == "cogview-4"
     assert data["status"] == "IN_PROGRESS"
     assert data["created_at"].endswith("Z") or data["created_at"].endswith("+00:00")
     assert data["started_at"] is None and data["completed_at"] is None
     assert data["request"] == {
-        "prompt": EXAMPLE_BODY["prompt"], "negative_prompt": "blurry", "size": "768*1344",
-        "quality": "standard", "n": 2, "seed": 42, "output_format": "webp", "user_id": "u-1",
+        "prompt": EXAMPLE_BODY["prompt"],
+        "negative_prompt": "blurry",
+        "size": "768*1344",
+        "quality": "standard",
+        "n": 2,
+        "seed": 42,
+        "output_format": "webp",
+        "user_id": "u-1",
     }
     assert data["progress"] == {
-        "stage": "queued", "percent": 0, "step": 0,
-        "total_steps": api.settings.steps_standard, "queue_position": 1,
+        "stage": "queued",
+        "percent": 0,
+        "step": 0,
+        "total_steps": api.settings.steps_standard,
+        "queue_position": 1,
     }
     assert data["images"] == [] and data["error"] is None
     assert data["credits"] == {"charged": 8, "refunded": 0}

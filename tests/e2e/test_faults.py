@@ -88,9 +88,9 @@ def test_queued_tasks_survive_a_restart(tmp_path: Path, tiny_cache: Path) -> Non
     key = str(api_only.make_key(credits=40)["key"])
     with httpx.Client(base_url=api_only.base_url, timeout=30) as client:
         body = {**EXAMPLE_BODY, "size": "864*1152"}
-        task_id = client.post(
-            "/api/v1/images/generations", json=body, headers=auth(key)
-        ).json()["data"]["task_id"]
+        task_id = client.post("/api/v1/images/generations", json=body, headers=auth(key)).json()[
+            "data"
+        ]["task_id"]
     api_only.stop()
     full = ServerProcess(workdir=tmp_path, env=env).start()
     try:
@@ -114,8 +114,12 @@ def test_api_only_server_never_loads_torch(tmp_path: Path, tiny_cache: Path) -> 
 
 def run_serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, "serve", "--port", "0", *args], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=120,
+        [*CLI, "serve", "--port", "0", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

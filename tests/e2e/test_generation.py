@@ -122,6 +122,9 @@ def test_account_counts_generated_images(client: httpx.Client, server: ServerPro
     poll_until_done(client, submit(client, fresh, n=2, size="1152*864"), fresh)
     acct = client.get("/api/v1/account", headers=auth(fresh)).json()["data"]
     assert acct == {
-        "key_id": acct["key_id"], "name": "counting", "balance": 4,
-        "images_generated": 2, "credits_spent": 8,
+        "key_id": acct["key_id"],
+        "name": "counting",
+        "balance": 4,
+        "images_generated": 2,
+        "credits_spent": 8,
     }

@@ -22,8 +22,12 @@ def test_every_preset_parses_in_both_spellings(w: int, h: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("512*512", Size(512, 512)), ("2048x1024", Size(2048, 1024)), ("1280*720", Size(1280, 720)),
-     (" 1024 X 768 ", Size(1024, 768))],
+    [
+        ("512*512", Size(512, 512)),
+        ("2048x1024", Size(2048, 1024)),
+        ("1280*720", Size(1280, 720)),
+        (" 1024 X 768 ", Size(1024, 768)),
+    ],
 )
 def test_custom_sizes_within_the_rules(text: str, size: Size) -> None:
     assert parse_size(text) == size
@@ -31,10 +35,15 @@ def test_custom_sizes_within_the_rules(text: str, size: Size) -> None:
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
-    [("1000*1000", "divisible by 16"), ("0*0", "between 512 and 2048"),
-     ("abc", "must look like"), ("2048*2048", "at most 2097152"),
-     ("4096*512", "between 512 and 2048"), ("1024", "must look like"),
-     ("1024*-1024", "must look like")],
+    [
+        ("1000*1000", "divisible by 16"),
+        ("0*0", "between 512 and 2048"),
+        ("abc", "must look like"),
+        ("2048*2048", "at most 2097152"),
+        ("4096*512", "between 512 and 2048"),
+        ("1024", "must look like"),
+        ("1024*-1024", "must look like"),
+    ],
 )
 def test_sizes_outside_the_rules_say_why(text: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):

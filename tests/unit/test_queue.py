@@ -32,7 +32,10 @@ def db(settings: Settings) -> Database:
     return database
 
 
-def request(size: Size = Size(1024, 1024), n: int = 1, prompt: str = "a cat") -> GenerationRequest:
+SQUARE = Size(1024, 1024)
+
+
+def request(size: Size = SQUARE, n: int = 1, prompt: str = "a cat") -> GenerationRequest:
     return GenerationRequest(model="cogview-4", prompt=prompt, size=size, quality="hd", n=n)
 
 
@@ -101,7 +104,11 @@ def test_a_worker_that_lost_its_lease_cannot_settle_the_task(
         queue.claim_batch(conn, worker_id="new", limit=1, lease_seconds=30)
     with db.write() as conn:
         assert not task_store.fail_task(
-            conn, task_id=task.id, worker_id="old", error_code=500, error_type="server_error",
+            conn,
+            task_id=task.id,
+            worker_id="old",
+            error_code=500,
+            error_type="server_error",
             message="late",
         )
         assert not task_store.complete_task(

@@ -46,7 +46,7 @@ def from_exception(exc: CogviewError) -> JSONResponse:
 
 def invalid_from_validation(exc: ValidationError | RequestValidationError) -> InvalidRequest:
     """The first problem of a pydantic error, as a sentence naming the field."""
-    first: dict[str, Any] = exc.errors()[0]
+    first: Any = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     kind = first.get("type", "")

@@ -45,7 +45,7 @@ def task_public(task: Task, base: str) -> TaskPublic:
             user_id=task.user_id,
         ),
         progress=ProgressPublic(
-            stage=task.stage.value,  # type: ignore[arg-type]
+            stage=task.stage.value,
             percent=task.percent,
             step=task.step,
             total_steps=task.steps,

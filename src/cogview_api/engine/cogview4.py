@@ -59,9 +59,9 @@ class CogView4Engine:
         else:
             if not device.startswith("cuda"):
                 raise EngineLoadError(
-                    f"The real CogView4-6B model needs a CUDA GPU with about {REAL_MODEL_GPU_GB} GB "
-                    "of memory and none was found; run with --model tiny to try the API without "
-                    "a GPU, or start on a machine with one."
+                    "The real CogView4-6B model needs a CUDA GPU with about "
+                    f"{REAL_MODEL_GPU_GB} GB of memory and none was found; run with --model tiny "
+                    "to try the API without a GPU, or start on a machine with one."
                 )
             source, dtype = settings.model, torch.bfloat16
         try:

@@ -8,7 +8,8 @@ from sqlalchemy import create_engine
 from cogview_api.store.tables import metadata
 
 config = context.config
-engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url"))
+url = str(config.get_main_option("sqlalchemy.url"))
+engine = config.attributes.get("engine") or create_engine(url)
 
 with engine.connect() as connection:
     context.configure(
