@@ -52,7 +52,7 @@ def serve(settings: Settings) -> None:
     threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
     for t in threads:
         t.start()
-    app = create_app(settings, db=db, storage=storage)
+    app = create_app(settings, db=db, storage=storage, on_submit=[w.wake.set for w in workers])
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -64,7 +64,7 @@ def serve(settings: Settings) -> None:
         uvicorn.Server(config).run()
     finally:
         for w in workers:
-            w.stop.set()
+            w.shutdown()
         for t in threads:
             # A batch in hand finishes or its lease runs out and another worker takes it.
             t.join(timeout=30)
@@ -80,7 +80,7 @@ def run_worker(settings: Settings) -> None:
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %s: finishing the batch in hand, then exiting", signum)
-        worker.stop.set()
+        worker.shutdown()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

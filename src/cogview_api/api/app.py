@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -15,8 +17,14 @@ from cogview_api.store.db import Database
 
 
 def create_app(
-    settings: Settings, *, db: Database | None = None, storage: ImageStorage | None = None
+    settings: Settings,
+    *,
+    db: Database | None = None,
+    storage: ImageStorage | None = None,
+    on_submit: Sequence[Callable[[], None]] = (),
 ) -> FastAPI:
+    """The HTTP app. `on_submit` callbacks run after each accepted task (in-process workers
+    use them to wake up at once)."""
     app = FastAPI(
         title="cogview-api",
         version=__version__,
@@ -27,6 +35,7 @@ def create_app(
     app.state.settings = settings
     app.state.db = db or Database(settings.database_url)
     app.state.storage = storage or open_storage(settings.storage_url)
+    app.state.on_submit = tuple(on_submit)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(images.router)

@@ -51,6 +51,9 @@ class Worker:
         self.engine = engine
         self.id = worker_id or new_worker_id()
         self.stop = threading.Event()
+        # Set by an API in the same process when a task is submitted, so an idle worker
+        # starts at once instead of at its next poll. Other processes find work by polling.
+        self.wake = threading.Event()
         self._last_cleanup = 0.0
 
     # -- the loop -------------------------------------------------------------------------
@@ -70,13 +73,18 @@ class Worker:
                     log.warning("worker %s: %s", self.id, exc.message)
                     worked = False
                 if not worked:
-                    self.stop.wait(self.settings.poll_interval)
+                    self.wake.wait(self.settings.poll_interval)
+                    self.wake.clear()
         finally:
             try:
                 with self.db.write() as conn:
                     queue.unregister_worker(conn, worker_id=self.id)
             except CogviewError:
                 pass
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.wake.set()
 
     def run_once(self) -> bool:
         """One pass: housekeeping, then at most one batch. True if a batch ran."""

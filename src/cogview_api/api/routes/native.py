@@ -68,6 +68,8 @@ async def create_generation(
     task = await run_in_threadpool(
         generation.submit, db, settings, key=key, request=body.to_domain()
     )
+    for notify in request.app.state.on_submit:
+        notify()
     return {"code": 200, "message": "success", "data": task_created(task)}
 
 
