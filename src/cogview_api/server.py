@@ -13,6 +13,7 @@ from cogview_api.api.app import create_app
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
 from cogview_api.storage import open_storage
+from cogview_api.store import keys as key_store
 from cogview_api.store.db import Database
 from cogview_api.worker.loop import Worker
 
@@ -52,6 +53,11 @@ def serve(settings: Settings) -> None:
     threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
     for t in threads:
         t.start()
+    with db.read() as conn:
+        if not key_store.list_keys(conn):
+            log.warning(
+                "no API keys yet: create one with `cogview-api keys create --name me --credits 100`"
+            )
     app = create_app(settings, db=db, storage=storage, on_submit=[w.wake.set for w in workers])
     config = uvicorn.Config(
         app,

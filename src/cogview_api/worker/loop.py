@@ -72,6 +72,9 @@ class Worker:
                 except CogviewError as exc:  # database briefly unavailable, and the like
                     log.warning("worker %s: %s", self.id, exc.message)
                     worked = False
+                except Exception:  # a bug: keep the worker alive, leases protect the tasks
+                    log.exception("worker %s: unexpected error in the claim loop", self.id)
+                    worked = False
                 if not worked:
                     self.wake.wait(self.settings.poll_interval)
                     self.wake.clear()
