@@ -104,10 +104,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from cogview_api import server
 
         server.configure_logging(settings.log_level)
-        if args.command == "serve":
-            server.serve(settings)
-        else:
-            server.run_worker(settings)
+        try:
+            if args.command == "serve":
+                server.serve(settings)
+            else:
+                server.run_worker(settings)
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
         return 0
     db = _db(settings)
     if args.command == "migrate":
