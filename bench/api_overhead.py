@@ -50,7 +50,8 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 TARGET_RATIO = 1.10
 NOTES = [
     "direct = pipeline call + PNG encode to bytes, in this process, torch.inference_mode.",
-    "api = POST -> poll GET /api/v1/tasks/{id} every client_poll_interval_s -> GET image.",
+    "api = POST -> poll GET /api/v1/tasks/{id} every client_poll_interval_s -> GET image; "
+    "with client 'wait', POST with `Prefer: wait=60` answers with the finished task -> GET image.",
     "worker_poll_interval_s = COGVIEW_POLL_INTERVAL, how often an idle worker looks for work; "
     "it bounds queued_until_claimed where nothing wakes the worker on submit.",
     "Order: direct (R runs), api (R runs), direct again (R runs); the direct figures are over "
@@ -74,6 +75,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", default="1024*1024")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--guidance", type=float, default=3.5, help="the server's default")
+    p.add_argument(
+        "--client",
+        choices=("poll", "wait"),
+        default="poll",
+        help="poll: submit, then poll GET /tasks/{id} (the hosted API's way, default); "
+        "wait: submit with `Prefer: wait=60`, which answers with the finished task",
+    )
     p.add_argument(
         "--client-poll", type=float, default=0.02, help="client poll interval, s (default 0.02)"
     )
@@ -361,16 +369,22 @@ def ts(value: str) -> float:
 
 
 def api_once(
-    client: httpx.Client, body: dict[str, Any], poll: float, poll_after: float
+    client: httpx.Client, body: dict[str, Any], poll: float, poll_after: float, wait: bool
 ) -> dict[str, Any]:
-    """Submit, poll until terminal, download the image. Times from the client's clock."""
+    """Submit, poll until terminal (or, with `wait`, let `Prefer: wait=60` hold the submit
+    until the task is done), download the image. Times from the client's clock."""
     t_send = time.time()
-    r = client.post("/api/v1/images/generations", json=body)
+    headers = {"Prefer": "wait=60"} if wait else {}
+    r = client.post("/api/v1/images/generations", json=body, headers=headers)
     r.raise_for_status()
-    task_id = r.json()["data"]["task_id"]
-    time.sleep(poll_after)
+    task = r.json()["data"]
+    task_id = task["task_id"]
+    if not wait:
+        time.sleep(poll_after)
     t_saving = None  # when a poll first saw stage "saving": the engine is done
     while True:
+        if task.get("status") in TERMINAL and "images" in task:
+            break
         task = client.get(f"/api/v1/tasks/{task_id}").raise_for_status().json()["data"]
         if task["status"] in TERMINAL:
             break
@@ -423,9 +437,10 @@ def api_runs(args: argparse.Namespace) -> dict[str, Any]:
         ) as client,
     ):
         for _ in range(args.warmup):
-            api_once(client, body, args.client_poll, args.poll_after)
+            api_once(client, body, args.client_poll, args.poll_after, args.client == "wait")
         runs = [
-            api_once(client, body, args.client_poll, args.poll_after) for _ in range(args.repeats)
+            api_once(client, body, args.client_poll, args.poll_after, args.client == "wait")
+            for _ in range(args.repeats)
         ]
     png = runs[-1]["png"]
     return {
@@ -455,7 +470,8 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "client_poll_interval_s": args.client_poll,
+        "client": args.client,
+        "client_poll_interval_s": args.client_poll if args.client == "poll" else None,
         "client_first_poll_after_s": args.poll_after,
         "server": server,
         "worker_poll_interval_s": worker_poll,

@@ -12,6 +12,7 @@ import uvicorn
 from cogview_api.api.app import create_app
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
+from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
 from cogview_api.store.db import Database
@@ -49,7 +50,11 @@ def serve(settings: Settings) -> None:
     db.migrate()
     storage = open_storage(settings.storage_url)
     engines = load_engines(settings, settings.workers)
-    workers = [Worker(settings=settings, db=db, storage=storage, engine=e) for e in engines]
+    signals = TaskSignals()
+    workers = [
+        Worker(settings=settings, db=db, storage=storage, engine=e, on_settled=signals.notify)
+        for e in engines
+    ]
     threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
     for t in threads:
         t.start()
@@ -58,7 +63,13 @@ def serve(settings: Settings) -> None:
             log.warning(
                 "no API keys yet: create one with `cogview-api keys create --name me --credits 100`"
             )
-    app = create_app(settings, db=db, storage=storage, on_submit=[w.wake.set for w in workers])
+    app = create_app(
+        settings,
+        db=db,
+        storage=storage,
+        on_submit=[w.wake.set for w in workers],
+        signals=signals,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -161,3 +161,22 @@ def test_full_queue_is_503_and_charges_nothing(tmp_path, tiny_cache) -> None:  #
         assert r.json()["error"]["type"] == "service_unavailable"
         assert int(r.headers["retry-after"]) > 0
         assert balance(small, key) == 32
+
+
+def test_prefer_wait_that_runs_out_answers_with_the_creation_answer(api: InProcessApi) -> None:
+    key = api.make_key(credits=40)  # no worker here: the task cannot finish
+    r = api.client.post(
+        "/api/v1/images/generations",
+        json=EXAMPLE_BODY,
+        headers={**auth(key), "Prefer": "respond-async, wait=1"},
+    )
+    assert r.status_code == 200
+    assert "preference-applied" not in r.headers
+    assert set(r.json()["data"]) == {
+        "task_id",
+        "status",
+        "created_at",
+        "credits_charged",
+        "queue_position",
+    }
+    assert r.elapsed.total_seconds() >= 1.0

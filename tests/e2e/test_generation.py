@@ -128,3 +128,17 @@ def test_account_counts_generated_images(client: httpx.Client, server: ServerPro
         "images_generated": 2,
         "credits_spent": 8,
     }
+
+
+def test_prefer_wait_answers_with_the_finished_task(client: httpx.Client, key: str) -> None:
+    r = client.post(
+        "/api/v1/images/generations",
+        json={**EXAMPLE_BODY, "size": "1344*768"},
+        headers={**auth(key), "Prefer": "wait=600"},  # more than 60 is capped at 60
+    )
+    assert r.status_code == 200
+    assert r.headers["preference-applied"] == "wait=60"
+    task = r.json()["data"]
+    assert task["status"] == "COMPLETED" and task["progress"]["percent"] == 100
+    _, img = download(task["images"][0]["url"])
+    assert img.size == (1344, 768)

@@ -12,6 +12,7 @@ from cogview_api.api.errors import RequestGuard, install_error_handlers
 from cogview_api.api.routes import health, images, native, page
 from cogview_api.api.routes.page import STATIC
 from cogview_api.config import Settings
+from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import ImageStorage, open_storage
 from cogview_api.store.db import Database
 
@@ -22,9 +23,10 @@ def create_app(
     db: Database | None = None,
     storage: ImageStorage | None = None,
     on_submit: Sequence[Callable[[], None]] = (),
+    signals: TaskSignals | None = None,
 ) -> FastAPI:
-    """The HTTP app. `on_submit` callbacks run after each accepted task (in-process workers
-    use them to wake up at once)."""
+    """The HTTP app. `on_submit` callbacks run after each accepted task, and in-process workers
+    call `signals.notify` when a task settles: both spare a wait for the next poll."""
     app = FastAPI(
         title="cogview-api",
         version=__version__,
@@ -36,6 +38,7 @@ def create_app(
     app.state.db = db or Database(settings.database_url)
     app.state.storage = storage or open_storage(settings.storage_url)
     app.state.on_submit = tuple(on_submit)
+    app.state.signals = signals or TaskSignals()
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(images.router)

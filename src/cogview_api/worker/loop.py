@@ -12,7 +12,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from cogview_api.config import Settings
@@ -44,12 +44,14 @@ class Worker:
         storage: ImageStorage,
         engine: Engine,
         worker_id: str | None = None,
+        on_settled: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.storage = storage
         self.engine = engine
         self.id = worker_id or new_worker_id()
+        self.on_settled = on_settled
         self.stop = threading.Event()
         # Set by an API in the same process when a task is submitted, so an idle worker
         # starts at once instead of at its next poll. Other processes find work by polling.
@@ -186,6 +188,7 @@ class Worker:
             if not done:  # lost the lease meanwhile: someone else owns the task now
                 for r in records:
                     self.storage.delete(r.storage_key)
+            self._settled(task.id)
         except Exception:
             log.exception("could not store the images of task %s", task.id)
             self._fail(task, "The images could not be stored.")
@@ -203,6 +206,11 @@ class Worker:
                 )
         except CogviewError:
             log.exception("could not mark task %s failed; its lease will run out", task.id)
+        self._settled(task.id)
+
+    def _settled(self, task_id: str) -> None:
+        if self.on_settled is not None:
+            self.on_settled(task_id)
 
     def _cleanup_expired_images(self) -> None:
         now = time.monotonic()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -19,11 +22,17 @@ from cogview_api.api.schemas import (
     GenerationCreate,
     TaskList,
 )
+from cogview_api.domain import ApiKey, Task
 from cogview_api.errors import InvalidRequest
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
+from cogview_api.services.signals import TaskSignals
+from cogview_api.store.db import Database
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
+
+MAX_WAIT_S = 60
+WAIT_RECHECK_S = 0.5
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 402, 403, 404, 409, 413, 429, 500, 503)
@@ -58,7 +67,12 @@ def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
     summary="Create an image generation task",
 )
 async def create_generation(
-    request: Request, key: CurrentKey, db: DbDep, settings: SettingsDep
+    request: Request,
+    response: Response,
+    key: CurrentKey,
+    db: DbDep,
+    settings: SettingsDep,
+    base: BaseUrl,
 ) -> dict[str, Any]:
     data = parse_json_object(request, await request.body())
     try:
@@ -70,7 +84,40 @@ async def create_generation(
     )
     for notify in request.app.state.on_submit:
         notify()
+    wait = requested_wait(request.headers.get("prefer"))
+    if wait:
+        finished = await wait_until_terminal(request, db, key, task.id, wait)
+        if finished is not None:
+            response.headers["Preference-Applied"] = f"wait={wait}"
+            return {"code": 200, "message": "success", "data": task_public(finished, base)}
     return {"code": 200, "message": "success", "data": task_created(task)}
+
+
+def requested_wait(prefer: str | None) -> int:
+    """Seconds asked for by `Prefer: wait=N` (RFC 7240), capped at 60; 0 if none or malformed
+    (a preference the server cannot read is ignored, as the RFC says)."""
+    for pref in (prefer or "").split(","):
+        name, _, value = pref.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(int(value), MAX_WAIT_S)
+    return 0
+
+
+async def wait_until_terminal(
+    request: Request, db: Database, key: ApiKey, task_id: str, seconds: int
+) -> Task | None:
+    """The task once it is terminal, or None after `seconds`. An in-process worker signals
+    the end at once; the row is re-read every WAIT_RECHECK_S for workers in other processes."""
+    signals: TaskSignals = request.app.state.signals
+    deadline = time.monotonic() + seconds
+    with signals.subscribe(task_id) as settled:
+        while True:
+            task = await run_in_threadpool(generation.get_task, db, key=key, task_id=task_id)
+            left = deadline - time.monotonic()
+            if task.state.terminal or left <= 0:
+                return task if task.state.terminal else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), timeout=min(WAIT_RECHECK_S, left))
 
 
 @router.get("/tasks/{task_id}", response_model=Envelope, responses=ERRORS, summary="Get a task")
