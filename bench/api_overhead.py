@@ -54,8 +54,9 @@ NOTES = [
     "with client 'wait', POST with `Prefer: wait=60` answers with the finished task -> GET image.",
     "worker_poll_interval_s = COGVIEW_POLL_INTERVAL, how often an idle worker looks for work; "
     "it bounds queued_until_claimed where nothing wakes the worker on submit.",
-    "Order: direct (R runs), api (R runs), direct again (R runs); the direct figures are over "
-    "all 2R runs. Direct never runs while the server process exists.",
+    "Order (default): one direct run, then one API run, R times, with the server idle during "
+    "direct runs; --blocks: direct (R runs), api (R runs), direct again (R runs), with no "
+    "server during direct runs.",
     "Phases come from the task's created_at/started_at/completed_at and client clocks; "
     "*_saving_seen use the first poll that saw stage 'saving' (engine done, PNG encode and "
     "storage under way), so they are off by up to one client poll interval.",
@@ -69,7 +70,7 @@ DirectRun = tuple[bytes, dict[str, float]]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per side (default 5)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per side (default 10)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--steps", type=int, default=2, help="COGVIEW_STEPS_HD (default 2, as tests)")
     p.add_argument("--size", default="1024*1024")
@@ -101,6 +102,11 @@ def parse_args() -> argparse.Namespace:
         "--separate-worker",
         action="store_true",
         help="run `serve --workers 0` plus a `cogview-api worker` process (default: in-process)",
+    )
+    p.add_argument(
+        "--blocks",
+        action="store_true",
+        help="all direct runs, then the server's, then direct again (default: take turns)",
     )
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "cogview-api")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
@@ -412,14 +418,16 @@ def api_once(
     return {"png": png, "phases": phases}
 
 
-def api_runs(args: argparse.Namespace) -> dict[str, Any]:
+@contextmanager
+def api_client(args: argparse.Namespace) -> Iterator[tuple[httpx.Client, dict[str, Any]]]:
+    """A ready server (as `--separate-worker` says) and a client holding its key."""
     extra = {"COGVIEW_STEPS_HD": str(args.steps), "COGVIEW_GUIDANCE_SCALE": str(args.guidance)}
     if args.worker_poll is not None:
         extra["COGVIEW_POLL_INTERVAL"] = str(args.worker_poll)
     env = server_env(args.cache_dir, extra)
     body = {"model": "cogview-4", "prompt": PROMPT, "size": args.size, "quality": "hd"}
     body["seed"] = args.seed
-    credits = 4 * (args.warmup + args.repeats) + 100
+    credits = 4 * 2 * (args.warmup + args.repeats) + 100
     if args.separate_worker:  # API-only server + one `cogview-api worker` process
         serve_args, worker_processes = ["--workers", "0"], 1
     else:  # the default: `serve` runs the worker in-process
@@ -436,12 +444,14 @@ def api_runs(args: argparse.Namespace) -> dict[str, Any]:
             base_url=srv.base_url, headers={"Authorization": f"Bearer {srv.key}"}, timeout=120
         ) as client,
     ):
-        for _ in range(args.warmup):
-            api_once(client, body, args.client_poll, args.poll_after, args.client == "wait")
-        runs = [
-            api_once(client, body, args.client_poll, args.poll_after, args.client == "wait")
-            for _ in range(args.repeats)
-        ]
+        yield client, body
+
+
+def api_call(args: argparse.Namespace, client: httpx.Client, body: dict[str, Any]) -> Any:
+    return api_once(client, body, args.client_poll, args.poll_after, args.client == "wait")
+
+
+def api_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     png = runs[-1]["png"]
     return {
         **summary([r["phases"]["total"] for r in runs]),
@@ -449,6 +459,32 @@ def api_runs(args: argparse.Namespace) -> dict[str, Any]:
         "png_bytes": len(png),
         "png_sha256": hashlib.sha256(png).hexdigest(),
     }
+
+
+def api_runs(args: argparse.Namespace) -> dict[str, Any]:
+    with api_client(args) as (client, body):
+        for _ in range(args.warmup):
+            api_call(args, client, body)
+        runs = [api_call(args, client, body) for _ in range(args.repeats)]
+    return api_result(runs)
+
+
+def interleaved_runs(
+    args: argparse.Namespace, pipe: Any, width: int, height: int
+) -> tuple[list[DirectRun], dict[str, Any], list[float]]:
+    """Direct and API runs taking turns, so drift in the machine's speed hits both alike.
+    The direct run happens while the server idles (its worker looks for work every
+    COGVIEW_POLL_INTERVAL: one short database transaction)."""
+    with api_client(args) as (client, body):
+        for _ in range(args.warmup):
+            direct_once(pipe, args, width, height)
+            api_call(args, client, body)
+        direct, api = [], []
+        for _ in range(args.repeats):
+            direct.append(direct_once(pipe, args, width, height))
+            api.append(api_call(args, client, body))
+    pair_ratios = [a["phases"]["total"] / d[1]["total"] for d, a in zip(direct, api, strict=True)]
+    return direct, api_result(api), pair_ratios
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -479,28 +515,41 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Direct, API, direct again; each side under a CPU audit."""
+    """Direct and API runs, interleaved (default) or in blocks; each side under a CPU audit."""
     width, height = (int(v) for v in args.size.replace("x", "*").split("*"))
     pipe = load_pipeline(args.cache_dir)
-    print("direct: pipeline in this process ...", file=sys.stderr)
-    with cpu_audit() as audit_before:
-        before = direct_runs(pipe, args, width, height)
-    print("api: cogview-api serve subprocess ...", file=sys.stderr)
-    with cpu_audit() as api_audit:
-        api = api_runs(args)
-    print("direct again, after the server has stopped ...", file=sys.stderr)
-    with cpu_audit() as audit_after:
-        after = direct_runs(pipe, args, width, height)
-    direct = direct_result(before, after)
+    extra: dict[str, Any] = {}
+    if args.blocks:
+        print("direct: pipeline in this process ...", file=sys.stderr)
+        with cpu_audit() as audit_before:
+            before = direct_runs(pipe, args, width, height)
+        print("api: cogview-api serve subprocess ...", file=sys.stderr)
+        with cpu_audit() as api_audit:
+            api = api_runs(args)
+        print("direct again, after the server has stopped ...", file=sys.stderr)
+        with cpu_audit() as audit_after:
+            after = direct_runs(pipe, args, width, height)
+        direct = direct_result(before, after)
+        audits = {"direct_before": audit_before, "api": api_audit, "direct_after": audit_after}
+    else:
+        print("direct and api runs, taking turns ...", file=sys.stderr)
+        with cpu_audit() as audit:
+            runs, api, pair_ratios = interleaved_runs(args, pipe, width, height)
+        half = len(runs) // 2
+        direct = direct_result(runs[:half] or runs, runs[half:] or runs)
+        audits = {"interleaved": audit}
+        extra["ratio_per_pair_median"] = round(statistics.median(pair_ratios), 4)
+        extra["ratio_per_pair"] = [round(r, 4) for r in pair_ratios]
     ratio_median = api["median_s"] / direct["median_s"]
     return {
-        "other_cpu": {"direct_before": audit_before, "api": api_audit, "direct_after": audit_after},
+        "other_cpu": audits,
         "direct": direct,
         "api": api,
         "same_png": direct["png_sha256"] == api["png_sha256"],
         "ratio_api_over_direct_median": round(ratio_median, 4),
         "ratio_api_over_direct_mean": round(api["mean_s"] / direct["mean_s"], 4),
         "ratio_api_over_direct_min": round(api["min_s"] / direct["min_s"], 4),
+        **extra,
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio_median <= TARGET_RATIO,
     }
