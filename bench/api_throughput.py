@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import threading
@@ -31,7 +30,14 @@ from typing import Any
 
 import httpx
 
-from api_overhead import code_version, cpu_audit, machine_info, running_server, server_env
+from api_overhead import (
+    code_version,
+    cpu_audit,
+    emit,
+    machine_info,
+    running_server,
+    server_env,
+)
 
 EXAMPLE_BODY = {
     "model": "cogview-4",
@@ -227,11 +233,7 @@ def main() -> int:
         **phases,
         "other_cpu": audit,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 
