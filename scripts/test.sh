@@ -4,14 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The browser test drives Debian's chromium; never a downloaded browser.
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages, installed only if missing: chromium for the browser test (never a
+# downloaded browser), and PostgreSQL's server binaries, from which the tests start a
+# throwaway cluster of their own (the package's default cluster is not used).
+PACKAGES=()
+command -v chromium >/dev/null 2>&1 || PACKAGES+=(chromium)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || PACKAGES+=(postgresql)
+if [ "${#PACKAGES[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch==2.13.0 first, so pip keeps the CPU build instead of pulling the CUDA wheels.
 .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
+# The PostgreSQL variants of the store tests fail, not skip, when the server is missing.
+export COGVIEW_TEST_REQUIRE_PG=1
 exec .venv/bin/pytest -q "$@"

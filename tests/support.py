@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from cogview_api.api.app import create_app
 from cogview_api.config import Settings
@@ -62,6 +63,7 @@ class InProcessApi:
     settings: Settings
     db: Database
     client: httpx.Client
+    app: FastAPI
 
     def make_key(self, credits: int = 100, name: str = "test") -> str:
         _, secret = key_service.create_key(self.db, name=name, credits=credits)
@@ -86,7 +88,7 @@ def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=30) as client:
         try:
-            yield InProcessApi(base_url=base, settings=settings, db=db, client=client)
+            yield InProcessApi(base_url=base, settings=settings, db=db, client=client, app=app)
         finally:
             server.should_exit = True
             thread.join(timeout=10)
@@ -191,6 +193,26 @@ def poll_until_done(
             return data
         time.sleep(0.2)
     raise TimeoutError(f"task {task_id} not finished in {timeout}s")
+
+
+def sse_items(response: httpx.Response) -> Iterator[tuple[str, Any]]:
+    """A `text/event-stream` as it arrives: `("comment", text)` for each comment line and
+    `(event name, parsed JSON data)` for each frame. Ends when the server closes the stream."""
+    event, data = "message", list[str]()
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            yield "comment", line[1:].strip()
+        elif line == "":
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
 
 
 def copy_tree(src: Path, dst: Path) -> None:

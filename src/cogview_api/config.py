@@ -19,7 +19,8 @@ class Settings(BaseSettings):
 
     # Where things live.
     database_url: str = "sqlite:///./cogview-data/cogview.db"
-    storage_url: str = "file://./cogview-data/images"
+    storage_url: str = "file://./cogview-data/images"  # or s3://bucket/prefix
+    s3_endpoint_url: str | None = None  # an S3-compatible service (MinIO, ...); unset: AWS
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cogview-api")
     public_url: str | None = None
     admin_token: str | None = None
@@ -38,6 +39,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_queue: int = Field(default=1000, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # A comment line on an idle event stream this often, so proxies keep the connection open.
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)
+    # How long the synchronous OpenAI and Zhipu routes hold a request for its task; under the
+    # Zhipu SDK's 300 s read timeout, so its clients get our answer instead of a retry.
+    sync_wait_seconds: float = Field(default=280.0, gt=0.0, le=3600.0)
 
     # Credits: price per image by quality.
     price_standard: int = Field(default=4, ge=0)

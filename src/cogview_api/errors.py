@@ -9,7 +9,11 @@
     ├── MethodNotAllowed          405 invalid_request
     ├── Conflict                  409 conflict
     ├── RequestTooLarge           413 request_too_large
-    ├── ServiceUnavailable        503 service_unavailable  (queue full, no engine)
+    ├── ServiceUnavailable        503 service_unavailable  (queue full, no engine, database down)
+    │   └── StorageError          503 service_unavailable  (the image store failed or is down)
+    ├── TaskFailed                500 server_error         (a synchronous request's task failed)
+    │   └── TaskCancelled         409 conflict             (... or was cancelled meanwhile)
+    ├── WaitTimedOut              504 timeout              (a synchronous request's task is late)
     └── EngineError               500 server_error         (raised by engines; fails one task)
         ├── EngineOutOfMemory
         └── EngineLoadError       (model cannot be loaded; the CLI prints it and exits)
@@ -80,6 +84,34 @@ class ServiceUnavailable(CogviewError):
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StorageError(ServiceUnavailable):
+    """The image store (S3 or the like) failed or cannot be reached. A worker that meets it
+    fails the task with a refund; an image download answers 503."""
+
+
+class TaskFailed(CogviewError):
+    """The task behind a synchronous request (OpenAI, Zhipu surfaces) ended without images;
+    its credits were refunded when it did."""
+
+    status = 500
+    type = "server_error"
+
+
+class TaskCancelled(TaskFailed):
+    """The task behind a synchronous request was cancelled (from the native API) meanwhile."""
+
+    status = 409
+    type = "conflict"
+
+
+class WaitTimedOut(CogviewError):
+    """The task behind a synchronous request did not finish in time. It goes on running (and
+    stays charged): the message names it so the client can fetch it from the native API."""
+
+    status = 504
+    type = "timeout"
 
 
 class EngineError(CogviewError):

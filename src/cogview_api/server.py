@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from types import FrameType
 
@@ -19,6 +20,19 @@ from cogview_api.store.db import Database
 from cogview_api.worker.loop import Worker
 
 log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which first tells open event streams to end when it shuts down: it
+    waits for open responses, and a stream lasts until its task ends."""
+
+    def __init__(self, config: uvicorn.Config, signals: TaskSignals) -> None:
+        super().__init__(config)
+        self.signals = signals
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.signals.close()
+        await super().shutdown(sockets)
 
 
 def configure_logging(level: str) -> None:
@@ -48,7 +62,7 @@ def load_engines(settings: Settings, count: int) -> list[Engine]:
 def serve(settings: Settings) -> None:
     db = Database(settings.database_url)
     db.migrate()
-    storage = open_storage(settings.storage_url)
+    storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     engines = load_engines(settings, settings.workers)
     signals = TaskSignals()
     workers = [
@@ -78,7 +92,7 @@ def serve(settings: Settings) -> None:
         access_log=settings.log_level == "debug",
     )
     try:
-        uvicorn.Server(config).run()
+        _Server(config, signals).run()
     finally:
         for w in workers:
             w.shutdown()
@@ -91,7 +105,7 @@ def serve(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     db = Database(settings.database_url)
     db.migrate()
-    storage = open_storage(settings.storage_url)
+    storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     (engine,) = load_engines(settings, 1)
     worker = Worker(settings=settings, db=db, storage=storage, engine=engine)
 

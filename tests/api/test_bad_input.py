@@ -47,6 +47,10 @@ FIELD_CASES = [
     ("seed-bool", body(seed=True), "seed"),
     ("output-format-gif", body(output_format="gif"), "output_format"),
     ("negative-prompt-1001", body(negative_prompt="y" * 1001), "negative_prompt"),
+    # NUL: PostgreSQL cannot store it in text, so it is refused on every backend alike.
+    ("prompt-nul", body(prompt="a cat\x00"), "prompt"),
+    ("negative-prompt-nul", body(negative_prompt="\x00"), "negative_prompt"),
+    ("user-id-nul", body(user_id="u\x00"), "user_id"),
     ("user-id-129", body(user_id="u" * 129), "user_id"),
     ("unknown-field", body(qualty="hd"), "qualty"),
     ("callback-not-available", body(callback_url="https://example.com/hook"), "callback_url"),
@@ -106,6 +110,17 @@ def test_body_that_is_not_a_json_object_is_400(
         headers={**auth(key), "Content-Type": content_type},
     )
     assert_error(r, 400, "invalid_request")
+    assert_nothing_written(api, key, 40)
+
+
+def test_prompt_with_a_lone_surrogate_is_400(api: InProcessApi) -> None:
+    key = api.make_key(credits=40)
+    r = api.client.post(
+        "/api/v1/images/generations",
+        content=b'{"model": "cogview-4", "prompt": "a cat \\ud800", "size": "1024*1024"}',
+        headers={**auth(key), "Content-Type": "application/json"},
+    )
+    assert_error(r, 400, "invalid_request", "prompt")
     assert_nothing_written(api, key, 40)
 
 
@@ -218,3 +233,14 @@ def test_bad_list_query_is_400(api: InProcessApi, query: str, param: str) -> Non
 
 def test_missing_image_is_404(api: InProcessApi) -> None:
     assert_error(api.client.get("/images/doesnotexist.png"), 404, "not_found")
+
+
+def test_ids_with_a_nul_character_are_a_client_error(api: InProcessApi) -> None:
+    # No id can hold a NUL: SQLite finds nothing (404), PostgreSQL refuses the text (400).
+    key = api.make_key()
+    for r in (
+        api.client.get("/api/v1/tasks/a%00b_cv4", headers=auth(key)),
+        api.client.get("/images/a%00b.png"),
+    ):
+        assert r.status_code in (400, 404), r.text
+        assert r.json()["error"]["type"] in ("invalid_request", "not_found")

@@ -12,9 +12,13 @@ from tests.support import EXAMPLE_BODY, auth, in_process_api
 from tests.unit.test_queue import FlakyEngine
 
 
-def test_image_url_works_without_a_key_then_expires(tmp_path: Path, tiny_cache: Path) -> None:
+def test_image_url_works_without_a_key_then_expires(
+    tmp_path: Path, tiny_cache: Path, database_url: str
+) -> None:
     retention_s = 2.0
-    settings = make_settings(tmp_path, tiny_cache, retention_days=retention_s / 86400)
+    settings = make_settings(
+        tmp_path, tiny_cache, retention_days=retention_s / 86400, database_url=database_url
+    )
     with in_process_api(settings) as api:
         key = api.make_key(credits=40)
         body = {**EXAMPLE_BODY, "size": "864x1152", "output_format": "jpeg"}

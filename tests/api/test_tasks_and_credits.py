@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from cogview_api.config import Settings
 from cogview_api.store import keys as key_store
-from tests.support import EXAMPLE_BODY, InProcessApi, auth
+from tests.support import EXAMPLE_BODY, InProcessApi, auth, in_process_api
 
 
 def submit(api: InProcessApi, key: str, **changes: object) -> httpx.Response:
@@ -148,11 +149,8 @@ def test_health_and_readiness(api: InProcessApi) -> None:
     assert "retry-after" in r.headers
 
 
-def test_full_queue_is_503_and_charges_nothing(tmp_path, tiny_cache) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import make_settings
-    from tests.support import in_process_api
-
-    with in_process_api(make_settings(tmp_path, tiny_cache, max_queue=2)) as small:
+def test_full_queue_is_503_and_charges_nothing(settings: Settings) -> None:
+    with in_process_api(settings.model_copy(update={"max_queue": 2})) as small:
         key = small.make_key(credits=40)
         assert submit(small, key).status_code == 200
         assert submit(small, key).status_code == 200

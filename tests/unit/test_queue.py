@@ -1,4 +1,5 @@
-"""The queue and the ledger on a real SQLite file: claims, leases, refunds, engine failures."""
+"""The queue and the ledger on real databases (a SQLite file and a PostgreSQL database, via the
+`db` and `settings` fixtures): claims, leases, refunds, engine failures."""
 
 from __future__ import annotations
 
@@ -22,15 +23,6 @@ from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.store.tables import utcnow
 from cogview_api.worker.loop import Worker
-from tests.conftest import make_settings
-
-
-@pytest.fixture
-def db(settings: Settings) -> Database:
-    database = Database(settings.database_url)
-    database.migrate()
-    return database
-
 
 SQUARE = Size(1024, 1024)
 
@@ -141,11 +133,9 @@ class FlakyEngine:
 
 
 def test_engine_failure_fails_that_task_with_refund_and_the_worker_goes_on(
-    tmp_path: Path, tiny_cache: Path
+    tmp_path: Path, settings: Settings, db: Database
 ) -> None:
-    settings = make_settings(tmp_path, tiny_cache, steps_hd=3)
-    db = Database(settings.database_url)
-    db.migrate()
+    settings = settings.model_copy(update={"steps_hd": 3})
     key, _ = key_service.create_key(db, name="k", credits=8)
     bad = generation.submit(db, settings, key=key, request=request(prompt="oom please"))
     good = generation.submit(db, settings, key=key, request=request(Size(768, 1344)))

@@ -1,11 +1,19 @@
-"""One error envelope for every route, and the handlers and middleware that produce it."""
+"""The error envelopes and the handlers and middleware that produce them.
+
+Three surfaces share one error tree (`cogview_api.errors`); each answers in its own envelope,
+chosen from the request path in `error_response`, the one place every error goes through:
+
+    /v1/...          OpenAI   {"error": {"message", "type", "param", "code"}}
+    /api/paas/...    Zhipu    {"error": {"code": "1214", "message"}}
+    anything else    native   {"error": {"code": <HTTP status>, "message", "type", "param"}}
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,9 +29,73 @@ from cogview_api.errors import (
     NotFound,
     RequestTooLarge,
     ServiceUnavailable,
+    TaskFailed,
+    WaitTimedOut,
 )
 
 log = logging.getLogger(__name__)
+
+Surface = Literal["native", "openai", "zhipu"]
+
+# Our wire type -> OpenAI's (type, code). OpenAI answers a bad key with
+# invalid_request_error/invalid_api_key and an exhausted balance with insufficient_quota.
+OPENAI_ERRORS: dict[str, tuple[str, str | None]] = {
+    "invalid_request": ("invalid_request_error", None),
+    "authentication_error": ("invalid_request_error", "invalid_api_key"),
+    "insufficient_credits": ("insufficient_quota", "insufficient_quota"),
+    "rate_limit_exceeded": ("requests", "rate_limit_exceeded"),
+    "server_error": ("server_error", None),
+    "service_unavailable": ("server_error", "service_unavailable"),
+    "timeout": ("server_error", "timeout"),
+}
+
+# Our wire type -> Zhipu's business code (docs.bigmodel.cn, "API error codes").
+# `invalid_request` depends on the field: see zhipu_code.
+ZHIPU_CODES: dict[str, str] = {
+    "authentication_error": "1000",
+    "insufficient_credits": "1113",
+    "permission_denied": "1220",
+    "not_found": "1222",
+    "rate_limit_exceeded": "1302",
+    "service_unavailable": "1305",
+}
+
+
+def surface_of(path: str) -> Surface:
+    if path == "/v1" or path.startswith("/v1/"):
+        return "openai"
+    if path == "/api/paas" or path.startswith("/api/paas/"):
+        return "zhipu"
+    return "native"
+
+
+def openai_error(status: int, type_: str, message: str, param: str | None) -> dict[str, Any]:
+    fallback = ("server_error" if status >= 500 else "invalid_request_error", type_)
+    openai_type, code = OPENAI_ERRORS.get(type_, fallback)
+    return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
+
+
+def zhipu_code(status: int, type_: str, param: str | None) -> str:
+    if type_ == "invalid_request":
+        if param == "model":
+            return "1211"  # model does not exist
+        return "1214" if param else "1210"  # bad field / bad call
+    return ZHIPU_CODES.get(type_, "500" if status >= 500 else "1210")
+
+
+def zhipu_error(status: int, type_: str, message: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"code": zhipu_code(status, type_, param), "message": message}}
+
+
+def native_error(status: int, type_: str, message: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"code": status, "message": message, "type": type_, "param": param}}
+
+
+ENVELOPES: dict[Surface, Callable[[int, str, str, str | None], dict[str, Any]]] = {
+    "native": native_error,
+    "openai": openai_error,
+    "zhipu": zhipu_error,
+}
 
 
 def error_response(
@@ -32,16 +104,23 @@ def error_response(
     message: str,
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    path: str = "/",
 ) -> JSONResponse:
-    body = {"error": {"code": status, "message": message, "type": type_, "param": param}}
+    """An error in the envelope of the surface that `path` belongs to."""
+    body = ENVELOPES[surface_of(path)](status, type_, message, param)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def from_exception(exc: CogviewError) -> JSONResponse:
+def from_exception(exc: CogviewError, path: str) -> JSONResponse:
     headers = None
     if isinstance(exc, ServiceUnavailable):
         headers = {"Retry-After": str(exc.retry_after)}
-    return error_response(exc.status, exc.type, exc.message, exc.param, headers)
+    if isinstance(exc, TaskFailed | WaitTimedOut):
+        # The OpenAI and Zhipu SDKs retry 5xx answers unless told not to; a retry would start
+        # (and charge) another generation while a late task is still running.
+        headers = {"x-should-retry": "false"}
+    return error_response(exc.status, exc.type, exc.message, exc.param, headers, path=path)
 
 
 def invalid_from_validation(exc: ValidationError | RequestValidationError) -> InvalidRequest:
@@ -61,31 +140,32 @@ def invalid_from_validation(exc: ValidationError | RequestValidationError) -> In
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CogviewError)
     async def _ours(request: Request, exc: CogviewError) -> Response:
-        return from_exception(exc)
+        return from_exception(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        return from_exception(invalid_from_validation(exc))
+        return from_exception(invalid_from_validation(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        path = request.url.path
         if exc.status_code == 404:
-            return from_exception(NotFound(f"No route for {request.method} {request.url.path}."))
+            return from_exception(NotFound(f"No route for {request.method} {path}."), path)
         if exc.status_code == 405:
             resp = from_exception(
-                MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+                MethodNotAllowed(f"Method {request.method} is not allowed on {path}."), path
             )
             if exc.headers and "allow" in {k.lower() for k in exc.headers}:
                 resp.headers.update(exc.headers)
             return resp
-        return error_response(exc.status_code, "invalid_request", str(exc.detail))
+        return error_response(exc.status_code, "invalid_request", str(exc.detail), path=path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
         rid = request.scope.get("state", {}).get("request_id", "-")
         log.exception("unhandled error, request id %s", rid)
         return error_response(
-            500, "server_error", f"Internal server error (request id {rid}).", None
+            500, "server_error", f"Internal server error (request id {rid}).", path=request.url.path
         )
 
 
@@ -142,7 +222,8 @@ class RequestGuard:
 
     async def _too_large(self, scope: Scope, send: Callable[[Message], Awaitable[None]]) -> None:
         resp = from_exception(
-            RequestTooLarge(f"Request body is larger than {self.max_body_bytes} bytes.")
+            RequestTooLarge(f"Request body is larger than {self.max_body_bytes} bytes."),
+            scope["path"],
         )
         resp.headers["connection"] = "close"
         await resp(scope, _no_receive, send)

@@ -28,8 +28,9 @@ class EngineJob:
     seeds: tuple[int, ...]
 
 
-# Called with (task_id, stage, step); stage is "denoising" or "decoding".
-ProgressFn = Callable[[str, str, int], None]
+# Called with (task_id, stage, step); stage is "denoising" or "decoding". Returns whether to
+# go on: False when the task was cancelled or is no longer this worker's to run.
+ProgressFn = Callable[[str, str, int], bool]
 
 
 class Engine(Protocol):
@@ -39,7 +40,9 @@ class Engine(Protocol):
     `width` x `height`. An image depends only on (prompt, negative prompt, size, steps,
     guidance, seed): never on what else is in the batch. Failures raise `EngineError`
     (`EngineOutOfMemory` for device memory); the engine stays usable for the next call.
-    `progress` is called from the generating thread after every denoising step.
+    `progress` is called from the generating thread after every denoising step. When it
+    returns False the engine stops that job at once (no more steps, no decoding) and returns
+    an empty list for it; the other jobs of the batch go on.
     """
 
     name: str

@@ -88,16 +88,24 @@ class CogView4Engine:
             return [self._generate_one(job, progress) for job in jobs]
 
     def _generate_one(self, job: EngineJob, progress: ProgressFn) -> list[Image]:
+        stopped = False
+
         def on_step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal stopped
             step = i + 1
-            progress(job.task_id, "denoising" if step < job.steps else "decoding", step)
+            if not progress(job.task_id, "denoising" if step < job.steps else "decoding", step):
+                # Cancelled, or no longer ours: the pipeline skips its remaining steps.
+                pipe._interrupt = True
+                stopped = True
             return kwargs
 
         # CPU generators: the same seed gives the same image on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
         try:
             with torch.inference_mode():
-                out = self.pipe(
+                # Latents out, decoded below: an interrupted pipeline would still run the VAE
+                # on latents nobody wants.
+                latents = self.pipe(
                     prompt=job.prompt,
                     negative_prompt=job.negative_prompt,
                     width=job.width,
@@ -107,7 +115,9 @@ class CogView4Engine:
                     num_images_per_prompt=len(job.seeds),
                     generator=generators,
                     callback_on_step_end=on_step,
-                )
+                    output_type="latent",
+                ).images
+                return [] if stopped else self._decode(latents)
         except torch.OutOfMemoryError as exc:
             _free_device_memory()
             raise EngineOutOfMemory(
@@ -116,7 +126,12 @@ class CogView4Engine:
         except (RuntimeError, ValueError) as exc:
             log.exception("engine failed on task %s", job.task_id)
             raise EngineError(f"The engine failed on this task: {type(exc).__name__}.") from exc
-        return list(out.images)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image]:
+        """What the pipeline does after its loop for `output_type="pil"`, same operations."""
+        vae = self.pipe.vae
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+        return list(self.pipe.image_processor.postprocess(decoded[0], output_type="pil"))
 
 
 def _free_device_memory() -> None:

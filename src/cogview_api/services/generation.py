@@ -1,4 +1,4 @@
-"""Use cases around generation tasks: submit, look up, list."""
+"""Use cases around generation tasks: submit, look up, list, cancel."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import binascii
 
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
-from cogview_api.errors import InvalidRequest
+from cogview_api.errors import Conflict, InvalidRequest
+from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 
 
 def submit(db: Database, settings: Settings, *, key: ApiKey, request: GenerationRequest) -> Task:
     """Reserve the credits and enqueue the task in one transaction: all or nothing."""
+    refuse_unstorable_text(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
+    )
     price = settings.price_for(request.quality) * request.n
     with db.write() as conn:
         return task_store.insert_task(
@@ -31,6 +35,37 @@ def submit(db: Database, settings: Settings, *, key: ApiKey, request: Generation
 def get_task(db: Database, *, key: ApiKey, task_id: str) -> Task:
     with db.read() as conn:
         return task_store.get_task(conn, task_id, key_id=key.id)
+
+
+# The `error` of a cancelled task. 499 is what Google's APIs map their CANCELLED code to
+# ("client closed request"); it is never an HTTP status of a response here.
+CANCELLED_CODE = 499
+CANCELLED_TYPE = "cancelled"
+CANCELLED_MESSAGE = "Cancelled by the client."
+
+
+def cancel(db: Database, *, key: ApiKey, task_id: str) -> Task:
+    """Cancel a task in progress and refund it, in one transaction; returns it, CANCELLED.
+
+    A running task's worker finds out at its next denoising step, when its progress write
+    (fenced on state RUNNING and its id) matches no row, and stops without storing anything.
+    Raises NotFound (unknown, or another key's task) or Conflict (already terminal: a task
+    that completed first keeps its images and its charge).
+    """
+    with db.write() as conn:
+        task = task_store.get_task(conn, task_id, key_id=key.id)
+        if not task.state.terminal and task_store.fail_task(
+            conn,
+            task_id=task_id,
+            error_code=CANCELLED_CODE,
+            error_type=CANCELLED_TYPE,
+            message=CANCELLED_MESSAGE,
+            state=TaskState.CANCELLED,
+        ):
+            return task_store.get_task(conn, task_id)
+        # Terminal when read, or settled by its worker since (PostgreSQL reads committed rows).
+        status = task_store.get_task(conn, task_id).state.wire_status
+    raise Conflict(f"The task is already {status}; only a task in progress can be cancelled.")
 
 
 # `status` filter values a client may send, mapped onto stored states.

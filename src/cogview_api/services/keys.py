@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 from cogview_api.domain import ApiKey
 from cogview_api.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import keys as key_store
 from cogview_api.store.db import Database
+
+# The widths of `api_keys.name` and `ledger.note`: PostgreSQL refuses longer text.
+MAX_NAME_CHARS = 200
+MAX_NOTE_CHARS = 200
 
 
 def authenticate(db: Database, secret: str | None) -> ApiKey:
@@ -25,6 +30,9 @@ def authenticate(db: Database, secret: str | None) -> ApiKey:
 def create_key(db: Database, *, name: str, credits: int) -> tuple[ApiKey, str]:
     if not name.strip():
         raise InvalidRequest("name must not be empty", param="name")
+    if len(name.strip()) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"name must be at most {MAX_NAME_CHARS} characters", param="name")
+    refuse_unstorable_text(name=name)
     with db.write() as conn:
         return key_store.create_key(conn, name=name.strip(), credits=credits)
 
@@ -43,6 +51,9 @@ def grant_credits(db: Database, *, key_id: str, amount: int, note: str | None = 
     """A ledger entry, never an overwrite. A negative amount is an adjustment downwards."""
     if amount == 0:
         raise InvalidRequest("amount must not be zero", param="amount")
+    if note is not None and len(note) > MAX_NOTE_CHARS:
+        raise InvalidRequest(f"note must be at most {MAX_NOTE_CHARS} characters", param="note")
+    refuse_unstorable_text(note=note)
     with db.write() as conn:
         key_store.add_credits(
             conn,

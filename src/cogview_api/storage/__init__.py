@@ -1,4 +1,6 @@
-"""Where image bytes live. `ImageStorage` is the seam; `open_storage` picks a backend by URL."""
+"""Where image bytes live. `ImageStorage` is the seam; `open_storage` picks a backend by URL:
+`local` (a folder, the embedded default) or `s3` (a bucket, for many workers and API processes).
+"""
 
 from __future__ import annotations
 
@@ -21,10 +23,18 @@ class ImageStorage(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def open_storage(url: str) -> ImageStorage:
+def open_storage(url: str, *, s3_endpoint_url: str | None = None) -> ImageStorage:
+    """`file://PATH` (a local folder) or `s3://BUCKET[/PREFIX]` (at `s3_endpoint_url` for an
+    S3-compatible service, else AWS)."""
     if url.startswith("file://"):
         return LocalStorage(url.removeprefix("file://"))
-    raise ValueError(f"COGVIEW_STORAGE_URL {url!r} is not supported; use file://PATH")
+    if url.startswith("s3://"):
+        from cogview_api.storage.s3 import S3Storage  # boto3 loads only when S3 is used
+
+        return S3Storage.from_url(url, endpoint_url=s3_endpoint_url)
+    raise ValueError(
+        f"COGVIEW_STORAGE_URL {url!r} is not supported; use file://PATH or s3://BUCKET/PREFIX"
+    )
 
 
 __all__ = ["ImageStorage", "LocalStorage", "open_storage"]

@@ -2,7 +2,8 @@
 
 SQLite runs in WAL mode with a busy timeout, and write transactions start with
 `BEGIN IMMEDIATE` so two writers queue on the lock instead of failing on an upgrade.
-PostgreSQL is a URL change (psycopg 3).
+PostgreSQL is a URL change (`postgresql://...`, driven by psycopg 3), at READ COMMITTED: the
+guarded balance update and the `FOR UPDATE SKIP LOCKED` claims are correct at that level.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from cogview_api.errors import ServiceUnavailable
+from cogview_api.errors import InvalidRequest, ServiceUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -60,6 +62,21 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def _postgres_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in parsed.query:
+        # Without it an unreachable host hangs every request for the OS's TCP timeout (minutes).
+        connect_args["connect_timeout"] = 10
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+    )
+
+
 class Database:
     """Owns the engine. `read()` and `write()` give a connection inside one transaction."""
 
@@ -73,7 +90,7 @@ class Database:
             self.engine = _sqlite_engine(self.url)
             self._write_lock = threading.Lock()
         else:
-            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+            self.engine = _postgres_engine(self.url)
 
     @property
     def dialect(self) -> str:
@@ -104,7 +121,8 @@ class Database:
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
-        command.upgrade(alembic_config(self.url, self.engine), "head")
+        with _translated():
+            command.upgrade(alembic_config(self.url, self.engine), "head")
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -121,14 +139,35 @@ def alembic_config(url: str, engine: Engine | None = None) -> Config:
 
 @contextmanager
 def _translated() -> Iterator[None]:
-    """A database that cannot be reached is a 503 to clients, not a driver exception."""
+    """Driver errors that are not bugs, as our errors: a database that cannot be reached (or is
+    locked, or chose this transaction as a deadlock victim) is a 503 to clients, "try again".
+    """
     try:
         yield
     except OperationalError as exc:
-        if "locked" in str(exc.orig).lower() or _is_disconnect(exc):
+        if "locked" in str(exc.orig).lower() or _is_disconnect(exc) or _is_transient(exc):
             raise ServiceUnavailable("The database is unavailable; try again shortly.") from exc
+        raise
+    except PoolTimeout as exc:
+        raise ServiceUnavailable("The database is busy; try again shortly.") from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise ServiceUnavailable("The database is unavailable; try again shortly.") from exc
+        if isinstance(exc, DataError) and "NUL (0x00)" in str(exc.orig):
+            # PostgreSQL cannot hold NUL in text; such an id or name cannot exist anyway.
+            raise InvalidRequest("Text must not contain NUL (0x00) characters.") from exc
         raise
 
 
 def _is_disconnect(exc: OperationalError) -> bool:
     return bool(exc.connection_invalidated) or "connect" in str(exc.orig).lower()
+
+
+# PostgreSQL SQLSTATE classes and codes worth a retry by the client: connection exceptions (08),
+# operator intervention (57P: shutdown, restart), serialization failure and deadlock (40).
+_TRANSIENT_SQLSTATES = ("08", "57P", "40001", "40P01")
+
+
+def _is_transient(exc: OperationalError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    return sqlstate.startswith(_TRANSIENT_SQLSTATES)

@@ -204,6 +204,8 @@ def fail_task(
 def set_progress(
     conn: Connection, *, task_id: str, worker_id: str, stage: Stage, step: int | None = None
 ) -> bool:
+    """Record the stage (and step) of a running task. False if this worker no longer holds it:
+    cancelled, or its lease lapsed and the task went back to the queue or to another worker."""
     values: dict[str, Any] = {"stage": stage}
     if step is not None:
         values["step"] = step

@@ -144,22 +144,34 @@ class Worker:
                     self._fail(t, "The engine failed on this task.")
                 return
             for task, imgs in zip(batch, results, strict=True):
-                self._finish(task, imgs)
+                if imgs:
+                    self._finish(task, imgs)
+                else:  # the engine stopped it: cancelled, or its lease went to another worker
+                    log.info("task %s stopped: no longer held by worker %s", task.id, self.id)
         finally:
             renewer.stop()
 
-    def _progress(self, task_id: str, stage: str, step: int) -> None:
-        with self.db.write() as conn:
-            task_store.set_progress(
-                conn, task_id=task_id, worker_id=self.id, stage=Stage(stage), step=step
-            )
+    def _progress(self, task_id: str, stage: str, step: int) -> bool:
+        """Record a step. False when the task is no longer this worker's to run (cancelled, or
+        its lease lapsed): the fenced write then matches no row, and the engine stops."""
+        try:
+            with self.db.write() as conn:
+                return task_store.set_progress(
+                    conn, task_id=task_id, worker_id=self.id, stage=Stage(stage), step=step
+                )
+        except CogviewError as exc:  # a missed progress write is no reason to stop the task
+            log.warning("progress of task %s not recorded: %s", task_id, exc.message)
+            return True
 
     def _finish(self, task: Task, imgs: Sequence[object]) -> None:
         try:
             with self.db.write() as conn:
-                task_store.set_progress(
+                held = task_store.set_progress(
                     conn, task_id=task.id, worker_id=self.id, stage=Stage.SAVING
                 )
+            if not held:  # cancelled (or lease lost) while decoding: store nothing
+                log.info("task %s stopped before saving: no longer held by %s", task.id, self.id)
+                return
             records = []
             for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
                 token = new_image_token()
@@ -185,7 +197,7 @@ class Worker:
                     records=records,
                     retention=timedelta(days=self.settings.retention_days),
                 )
-            if not done:  # lost the lease meanwhile: someone else owns the task now
+            if not done:  # cancelled or lost the lease meanwhile: the files are nobody's
                 for r in records:
                     self.storage.delete(r.storage_key)
             self._settled(task.id)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
 
+from cogview_api.api import events
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.present import task_created, task_public
@@ -22,17 +21,15 @@ from cogview_api.api.schemas import (
     GenerationCreate,
     TaskList,
 )
-from cogview_api.domain import ApiKey, Task
+from cogview_api.api.waiting import wait_until_terminal
 from cogview_api.errors import InvalidRequest
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.services.signals import TaskSignals
-from cogview_api.store.db import Database
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 
 MAX_WAIT_S = 60
-WAIT_RECHECK_S = 0.5
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 402, 403, 404, 409, 413, 429, 500, 503)
@@ -103,27 +100,55 @@ def requested_wait(prefer: str | None) -> int:
     return 0
 
 
-async def wait_until_terminal(
-    request: Request, db: Database, key: ApiKey, task_id: str, seconds: int
-) -> Task | None:
-    """The task once it is terminal, or None after `seconds`. An in-process worker signals
-    the end at once; the row is re-read every WAIT_RECHECK_S for workers in other processes."""
-    signals: TaskSignals = request.app.state.signals
-    deadline = time.monotonic() + seconds
-    with signals.subscribe(task_id) as settled:
-        while True:
-            task = await run_in_threadpool(generation.get_task, db, key=key, task_id=task_id)
-            left = deadline - time.monotonic()
-            if task.state.terminal or left <= 0:
-                return task if task.state.terminal else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(settled.wait(), timeout=min(WAIT_RECHECK_S, left))
-
-
 @router.get("/tasks/{task_id}", response_model=Envelope, responses=ERRORS, summary="Get a task")
 def get_task(task_id: str, key: CurrentKey, db: DbDep, base: BaseUrl) -> dict[str, Any]:
     task = generation.get_task(db, key=key, task_id=task_id)
     return {"code": 200, "message": "success", "data": task_public(task, base)}
+
+
+@router.post(
+    "/tasks/{task_id}/cancel", response_model=Envelope, responses=ERRORS, summary="Cancel a task"
+)
+def cancel_task(
+    task_id: str, request: Request, key: CurrentKey, db: DbDep, base: BaseUrl
+) -> dict[str, Any]:
+    task = generation.cancel(db, key=key, task_id=task_id)
+    signals: TaskSignals = request.app.state.signals
+    signals.notify(task.id)  # requests waiting on it (Prefer: wait, event streams) answer now
+    return {"code": 200, "message": "success", "data": task_public(task, base)}
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`event: task` frames of the task object, until it is terminal.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **ERRORS,
+    },
+    summary="Follow a task (Server-Sent Events)",
+)
+async def task_events(
+    task_id: str,
+    request: Request,
+    key: CurrentKey,
+    db: DbDep,
+    settings: SettingsDep,
+    base: BaseUrl,
+) -> StreamingResponse:
+    # Read before the stream starts, so an unknown task is a plain 404.
+    first = await run_in_threadpool(generation.get_task, db, key=key, task_id=task_id)
+    stream = events.task_stream(
+        db=db,
+        key=key,
+        first=first,
+        base=base,
+        signals=request.app.state.signals,
+        keepalive_s=settings.sse_keepalive_seconds,
+    )
+    return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
 
 
 @router.get("/tasks", response_model=Envelope, responses=ERRORS, summary="List your tasks")

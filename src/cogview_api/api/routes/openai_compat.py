@@ -1,0 +1,79 @@
+"""OpenAI Images API, `POST /v1/images/generations`: synchronous, on the same tasks, keys and
+credits as the native API. The official `openai` client works with `base_url` set to `.../v1`."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from cogview_api.api.compat_schemas import (
+    OpenAIErrorBody,
+    OpenAIImage,
+    OpenAIImageCreate,
+    OpenAIImagesResponse,
+)
+from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
+from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.present import image_url
+from cogview_api.api.routes.native import parse_json_object
+from cogview_api.api.waiting import generate_and_wait
+from cogview_api.domain import Task
+from cogview_api.errors import CogviewError
+from cogview_api.storage import ImageStorage
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorBody} for code in (400, 401, 402, 403, 413, 500, 503, 504)
+}
+
+
+@router.post(
+    "/images/generations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": OpenAIImageCreate.model_json_schema()}},
+        }
+    },
+    summary="Generate images (OpenAI Images API)",
+)
+async def create_image(
+    request: Request,
+    key: CurrentKey,
+    db: DbDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    base: BaseUrl,
+) -> OpenAIImagesResponse:
+    data = parse_json_object(request, await request.body())
+    try:
+        body = OpenAIImageCreate.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from exc
+    task = await generate_and_wait(
+        request, db=db, settings=settings, key=key, generation_request=body.to_domain()
+    )
+    if body.response_format == "b64_json":
+        encoded = await run_in_threadpool(images_base64, storage, task)
+        images = [OpenAIImage(b64_json=b64) for b64 in encoded]
+    else:
+        images = [OpenAIImage(url=image_url(base, i.token, i.format)) for i in task.images]
+    return OpenAIImagesResponse(created=int(task.created_at.timestamp()), data=images)
+
+
+def images_base64(storage: ImageStorage, task: Task) -> list[str]:
+    encoded = []
+    for image in task.images:
+        data = storage.get(image.storage_key)
+        if data is None:
+            raise CogviewError(f"The images of task {task.id} are no longer stored.")
+        encoded.append(base64.b64encode(data).decode("ascii"))
+    return encoded

@@ -1,0 +1,73 @@
+"""Holding a request until its task settles: `Prefer: wait` on the native submit, and the
+synchronous OpenAI- and Zhipu-compatible routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from cogview_api.config import Settings
+from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
+from cogview_api.errors import TaskCancelled, TaskFailed, WaitTimedOut
+from cogview_api.services import generation
+from cogview_api.services.signals import TaskSignals
+from cogview_api.store.db import Database
+
+WAIT_RECHECK_S = 0.5
+
+
+async def wait_until_terminal(
+    request: Request, db: Database, key: ApiKey, task_id: str, seconds: float
+) -> Task | None:
+    """The task once it is terminal, or None after `seconds`. An in-process worker signals
+    the end at once; the row is re-read every WAIT_RECHECK_S for workers in other processes."""
+    signals: TaskSignals = request.app.state.signals
+    deadline = time.monotonic() + seconds
+    with signals.subscribe(task_id) as settled:
+        while True:
+            task = await run_in_threadpool(generation.get_task, db, key=key, task_id=task_id)
+            left = deadline - time.monotonic()
+            if task.state.terminal or left <= 0:
+                return task if task.state.terminal else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), timeout=min(WAIT_RECHECK_S, left))
+            # A signal for a task that is not terminal yet (a worker lost its lease and let
+            # go of it) must not leave the event set, or this loop would spin.
+            settled.clear()
+
+
+async def generate_and_wait(
+    request: Request,
+    *,
+    db: Database,
+    settings: Settings,
+    key: ApiKey,
+    generation_request: GenerationRequest,
+) -> Task:
+    """Submit as the native route does (credits reserved with the task, in one transaction),
+    wake in-process workers, and hold the request up to `settings.sync_wait_seconds`.
+
+    Returns the COMPLETED task. Raises TaskFailed or TaskCancelled if it ended without images
+    (the credits are refunded by then), WaitTimedOut if it is still running (it stays charged
+    and keeps going; the message names it so the client can fetch it from the native API)."""
+    task = await run_in_threadpool(
+        generation.submit, db, settings, key=key, request=generation_request
+    )
+    for notify in request.app.state.on_submit:
+        notify()
+    finished = await wait_until_terminal(request, db, key, task.id, settings.sync_wait_seconds)
+    if finished is None:
+        raise WaitTimedOut(
+            f"Task {task.id} did not finish within {settings.sync_wait_seconds:g} s. It is "
+            f"still running: GET /api/v1/tasks/{task.id} with the same key gives its images."
+        )
+    reason = finished.error_message or "no reason given"
+    if finished.state is TaskState.CANCELLED:
+        raise TaskCancelled(f"Task {task.id} was cancelled: {reason}")
+    if finished.state is not TaskState.COMPLETED:
+        raise TaskFailed(f"Task {task.id} failed: {reason}")
+    return finished

@@ -1,0 +1,214 @@
+"""The official `openai` and `zhipuai` clients, used unchanged but for their base URL, against
+`cogview-api serve --model tiny` in a subprocess: images come back, errors arrive as each
+SDK's own exception types, and the tasks and credits are the native API's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import zhipuai
+from PIL import Image
+
+from tests.support import ServerProcess, auth
+
+PROMPT = "A lighthouse on a cliff at dawn, watercolor"
+
+
+@pytest.fixture(scope="module")
+def native(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+
+
+def new_key(server: ServerProcess, credits: int = 100) -> str:
+    return str(server.make_key(credits=credits)["key"])
+
+
+def balance(native: httpx.Client, key: str) -> int:
+    return int(native.get("/api/v1/account", headers=auth(key)).json()["data"]["balance"])
+
+
+def tasks_of(native: httpx.Client, key: str) -> list[dict[str, Any]]:
+    tasks: list[dict[str, Any]] = native.get("/api/v1/tasks", headers=auth(key)).json()["data"][
+        "tasks"
+    ]
+    return tasks
+
+
+def fetch_image(url: str) -> Image.Image:
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 200
+    return Image.open(io.BytesIO(r.content))
+
+
+def openai_client(server: ServerProcess, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key)
+
+
+def zhipu_client(server: ServerProcess, key: str) -> zhipuai.ZhipuAI:
+    return zhipuai.ZhipuAI(api_key=key, base_url=server.base_url + "/api/paas/v4")
+
+
+# -- OpenAI ----------------------------------------------------------------------------------
+
+
+def test_openai_client_generates_an_image_by_url(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server)
+    before = int(time.time())
+    result = openai_client(server, key).images.generate(
+        model="cogview-4", prompt=PROMPT, size="1024x1024", n=1
+    )
+    assert before - 1 <= result.created <= time.time() + 1
+    (image,) = result.data
+    assert image.b64_json is None and image.url
+    img = fetch_image(image.url)
+    assert (img.format, img.size) == ("PNG", (1024, 1024))
+    (task,) = tasks_of(native, key)
+    assert task["status"] == "COMPLETED" and task["images"][0]["url"] == image.url
+    assert task["request"]["quality"] == "hd"
+    assert balance(native, key) == 100 - 4
+
+
+def test_openai_client_gets_b64_json_with_the_asked_size_count_quality_and_user(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server)
+    result = openai_client(server, key).images.generate(
+        model="cogview-4-250304",
+        prompt=PROMPT,
+        size="768x1344",
+        n=2,
+        quality="low",
+        response_format="b64_json",
+        user="end-user-42",
+    )
+    assert len(result.data) == 2
+    for image in result.data:
+        assert image.url is None and image.b64_json
+        img = Image.open(io.BytesIO(base64.b64decode(image.b64_json)))
+        assert (img.format, img.size) == ("PNG", (768, 1344))
+    (task,) = tasks_of(native, key)
+    assert task["request"]["quality"] == "standard"
+    assert task["request"]["user_id"] == "end-user-42"
+    assert task["request"]["n"] == 2
+    assert balance(native, key) == 100 - 8
+
+
+def test_openai_client_raises_authentication_error_for_a_bad_key(server: ServerProcess) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai_client(server, "cv4_not-a-key").images.generate(
+            model="cogview-4", prompt=PROMPT, size="1024x1024", n=1
+        )
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"size": "1000x1000"}, {"model": "dall-e-3"}, {"n": 5}],
+    ids=["size", "model", "n"],
+)
+def test_openai_client_raises_bad_request_error_and_charges_nothing(
+    server: ServerProcess, native: httpx.Client, changes: dict[str, Any]
+) -> None:
+    key = new_key(server)
+    args: dict[str, Any] = {"model": "cogview-4", "prompt": PROMPT, "size": "1024x1024", "n": 1}
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(server, key).images.generate(**{**args, **changes})
+    assert caught.value.param == next(iter(changes))
+    assert caught.value.type == "invalid_request_error"
+    assert balance(native, key) == 100 and tasks_of(native, key) == []
+
+
+def test_openai_client_raises_status_error_402_without_enough_credits(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server, credits=7)
+    with pytest.raises(openai.APIStatusError) as caught:
+        openai_client(server, key).images.generate(
+            model="cogview-4", prompt=PROMPT, size="1024x1024", n=2
+        )
+    assert caught.value.status_code == 402
+    assert caught.value.code == "insufficient_quota"
+    assert balance(native, key) == 7 and tasks_of(native, key) == []
+
+
+# -- Zhipu -----------------------------------------------------------------------------------
+
+
+def test_zhipu_client_generates_an_image(server: ServerProcess, native: httpx.Client) -> None:
+    key = new_key(server)
+    before = int(time.time())
+    result = zhipu_client(server, key).images.generations(model="cogview-4", prompt=PROMPT)
+    assert before - 1 <= result.created <= time.time() + 1
+    (image,) = result.data
+    assert image.url
+    img = fetch_image(image.url)
+    assert (img.format, img.size) == ("PNG", (1024, 1024))
+    (task,) = tasks_of(native, key)
+    assert task["status"] == "COMPLETED" and task["images"][0]["url"] == image.url
+    assert task["request"]["quality"] == "standard"  # Zhipu's default
+    assert balance(native, key) == 100 - 4
+
+
+def test_zhipu_client_passes_size_quality_and_user_id(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server)
+    result = zhipu_client(server, key).images.generations(
+        model="cogview-4-250304",
+        prompt=PROMPT,
+        size="1344x768",
+        quality="hd",
+        user_id="end-user-42",
+    )
+    (image,) = result.data
+    assert fetch_image(str(image.url)).size == (1344, 768)
+    (task,) = tasks_of(native, key)
+    assert task["request"]["quality"] == "hd"
+    assert task["request"]["user_id"] == "end-user-42"
+
+
+def test_zhipu_client_raises_authentication_error_for_a_bad_key(server: ServerProcess) -> None:
+    with pytest.raises(zhipuai.APIAuthenticationError) as caught:
+        zhipu_client(server, "cv4_not-a-key").images.generations(model="cogview-4", prompt=PROMPT)
+    assert caught.value.status_code == 401
+    assert caught.value.response.json()["error"]["code"] == "1000"
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [({"size": "1000x1000"}, "1214"), ({"model": "cogview-3-flash"}, "1211")],
+    ids=["size", "model"],
+)
+def test_zhipu_client_raises_request_failed_error_and_charges_nothing(
+    server: ServerProcess, native: httpx.Client, changes: dict[str, Any], code: str
+) -> None:
+    key = new_key(server)
+    args: dict[str, Any] = {"model": "cogview-4", "prompt": PROMPT}
+    with pytest.raises(zhipuai.APIRequestFailedError) as caught:
+        zhipu_client(server, key).images.generations(**{**args, **changes})
+    assert caught.value.status_code == 400
+    assert caught.value.response.json()["error"]["code"] == code
+    assert balance(native, key) == 100 and tasks_of(native, key) == []
+
+
+def test_zhipu_client_raises_status_error_402_without_enough_credits(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server, credits=3)
+    with pytest.raises(zhipuai.APIStatusError) as caught:
+        zhipu_client(server, key).images.generations(model="cogview-4", prompt=PROMPT)
+    assert type(caught.value) is zhipuai.APIStatusError
+    assert caught.value.status_code == 402
+    assert caught.value.response.json()["error"]["code"] == "1113"
+    assert balance(native, key) == 3 and tasks_of(native, key) == []

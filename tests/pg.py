@@ -1,0 +1,186 @@
+"""A throwaway PostgreSQL cluster for the tests, from Debian's server binaries.
+
+One cluster per test session in a temp folder (loopback TCP on a free port, its socket in the
+same folder, `trust` auth, fsync off), and one fresh database per test. initdb refuses to run
+as root, so under root (CI) the server runs as the system user `cogview-test`, made if missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tests.support import free_port
+
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+RUN_AS = "cogview-test"
+REQUIRE_ENV = "COGVIEW_TEST_REQUIRE_PG"
+
+
+def find_bindir() -> Path | None:
+    """The newest installed server version's bin folder, or None."""
+    found = [Path(p) for p in glob.glob(PG_BIN_GLOB) if (Path(p) / "initdb").is_file()]
+    if not found:
+        return None
+    return max(found, key=lambda p: _version_key(p.parent.name))
+
+
+def missing_message() -> str:
+    return (
+        f"PostgreSQL server binaries not found ({PG_BIN_GLOB}/initdb): install Debian's "
+        "`postgresql` package (apt-get install -y postgresql); scripts/test.sh does this."
+    )
+
+
+@dataclass
+class PgCluster:
+    bindir: Path
+    root: Path
+    port: int
+    user: pwd.struct_passwd | None  # who the server runs as; None = this process's user
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A fresh, empty database (from template0); returns its URL."""
+        name = "t_" + secrets.token_hex(6)
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def terminate_backends(self, url: str) -> int:
+        """Kill every server process connected to that database, like a server restart would."""
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            ).fetchall()
+        return len(rows)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        done = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            env={**os.environ, "LC_ALL": "C", "TZ": "UTC"},
+            **_as_user(self.user),
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{Path(args[0]).name} failed ({done.returncode}): {done.stdout}{done.stderr}"
+                f"{self._log_tail()}"
+            )
+
+    def _log_tail(self) -> str:
+        log = self.root / "server.log"
+        return "\nserver log:\n" + log.read_text(errors="replace")[-3000:] if log.exists() else ""
+
+    def start(self) -> PgCluster:
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        )
+        options = " ".join(
+            [
+                f"-h 127.0.0.1 -p {self.port} -k {self.root}",
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                "-c max_connections=300 -c shared_buffers=32MB",
+            ]
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+            timeout=90,
+        )
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_cluster(bindir: Path) -> PgCluster:
+    user = _server_user()
+    root = Path(tempfile.mkdtemp(prefix="cogview-pg-"))
+    if user is not None:
+        os.chown(root, user.pw_uid, user.pw_gid)
+    cluster = PgCluster(bindir=bindir, root=root, port=free_port(), user=user)
+    try:
+        return cluster.start()
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(RUN_AS)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RUN_AS],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(RUN_AS)
+
+
+def _as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in name.split(".") if p.isdigit())
