@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from cogview_api.api.inputs import ModelName, Prompt
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
-    MAX_PROMPT_CHARS,
     MAX_USER_ID_CHARS,
     MODEL_NAMES,
     GenerationRequest,
@@ -18,21 +18,6 @@ from cogview_api.domain import (
 )
 
 DEFAULT_SIZE = Size(1024, 1024)
-
-
-def _check_model(value: str) -> str:
-    if value not in MODEL_NAMES:
-        raise ValueError("model must be one of " + ", ".join(MODEL_NAMES))
-    return value
-
-
-def _clean_prompt(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("prompt must not be empty")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
-    return value
 
 
 def _check_size(value: str) -> str:
@@ -48,8 +33,6 @@ def _size(value: str | None) -> Size:
     return DEFAULT_SIZE if value in (None, "auto") else parse_size(value)
 
 
-ModelName = Annotated[str, AfterValidator(_check_model)]
-Prompt = Annotated[str, AfterValidator(_clean_prompt)]
 SizeText = Annotated[str, AfterValidator(_check_size)]
 OpenAISizeText = Annotated[str, AfterValidator(_check_openai_size)]
 UserTag = Annotated[str, Field(max_length=MAX_USER_ID_CHARS)]

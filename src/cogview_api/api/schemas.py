@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cogview_api.api.inputs import check_model, clean_prompt
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_USER_ID_CHARS,
-    MODEL_NAMES,
     GenerationRequest,
     parse_size,
 )
@@ -57,19 +57,12 @@ class GenerationCreate(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        if value not in MODEL_NAMES:
-            raise ValueError("model must be one of " + ", ".join(MODEL_NAMES))
-        return value
+        return check_model(value)
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("prompt must not be empty")
-        if len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
-        return value
+        return clean_prompt(value)
 
     @field_validator("size")
     @classmethod

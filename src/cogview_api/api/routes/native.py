@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -13,6 +12,7 @@ from starlette.responses import StreamingResponse
 from cogview_api.api import events
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.present import task_created, task_public
 from cogview_api.api.schemas import (
     AccountPublic,
@@ -22,7 +22,6 @@ from cogview_api.api.schemas import (
     TaskList,
 )
 from cogview_api.api.waiting import wait_until_terminal
-from cogview_api.errors import InvalidRequest
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.services.signals import TaskSignals
@@ -34,19 +33,6 @@ MAX_WAIT_S = 60
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 402, 403, 404, 409, 413, 429, 500, 503)
 }
-
-
-def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise InvalidRequest("Content-Type must be application/json.")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequest("Request body must be a JSON object.")
-    return data
 
 
 @router.post(

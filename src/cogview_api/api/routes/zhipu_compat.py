@@ -17,8 +17,8 @@ from cogview_api.api.compat_schemas import (
 )
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.present import image_url
-from cogview_api.api.routes.native import parse_json_object
 from cogview_api.api.waiting import generate_and_wait
 
 router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
