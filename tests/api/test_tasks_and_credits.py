@@ -178,3 +178,13 @@ def test_prefer_wait_that_runs_out_answers_with_the_creation_answer(api: InProce
         "queue_position",
     }
     assert r.elapsed.total_seconds() >= 1.0
+
+
+def test_openapi_document_describes_the_submit_body(api: InProcessApi) -> None:
+    doc = api.client.get("/openapi.json").json()
+    op = doc["paths"]["/api/v1/images/generations"]["post"]
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["additionalProperties"] is False
+    assert {"model", "prompt"} <= set(schema["required"])
+    assert "size" in schema["properties"] and "examples" in schema
+    assert "$ref" not in str(schema)  # self-contained: no reference left dangling

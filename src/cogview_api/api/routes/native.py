@@ -42,9 +42,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/GenerationCreate"}}
-            },
+            "content": {"application/json": {"schema": GenerationCreate.model_json_schema()}},
         }
     },
     summary="Create an image generation task",
