@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,16 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from PIL import Image
 
 from cogview_api.api.app import create_app
 from cogview_api.config import Settings
+from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.errors import EngineOutOfMemory
 from cogview_api.services import keys as key_service
+from cogview_api.storage import open_storage
 from cogview_api.store.db import Database
+from cogview_api.worker.loop import Worker
 
 # Small enough for a 2-core CPU; these are settings, not special code paths.
 TEST_ENV = {
@@ -217,3 +222,46 @@ def sse_items(response: httpx.Response) -> Iterator[tuple[str, Any]]:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def submit_task(client: httpx.Client, key: str, **changes: Any) -> str:
+    """Submit the example body with `changes`; the new task's id."""
+    r = client.post(
+        "/api/v1/images/generations", json={**EXAMPLE_BODY, **changes}, headers=auth(key)
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["status"] == "IN_PROGRESS"
+    return str(r.json()["data"]["task_id"])
+
+
+class FlakyEngine:
+    """An Engine stand-in: runs out of memory on prompts containing 'oom', draws a gray
+    image otherwise. Exercises the worker's failure path without a GPU."""
+
+    name = "flaky"
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
+        out = []
+        for job in jobs:
+            self.calls.append(job.task_id)
+            if "oom" in job.prompt:
+                raise EngineOutOfMemory("The GPU ran out of memory for this task.")
+            for step in range(1, job.steps + 1):
+                progress(job.task_id, "denoising", step)
+            out.append([Image.new("RGB", (job.width, job.height), "gray") for _ in job.seeds])
+        return out
+
+
+def complete_next_task(api: InProcessApi) -> None:
+    """Run the oldest waiting task to completion with a `FlakyEngine`, in this thread."""
+    worker = Worker(
+        settings=api.settings,
+        db=api.db,
+        storage=open_storage(api.settings.storage_url),
+        engine=FlakyEngine(),
+    )
+    assert worker.run_once()

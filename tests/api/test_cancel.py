@@ -7,19 +7,8 @@ from typing import Any
 import httpx
 
 from cogview_api.services import keys as key_service
-from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
-from cogview_api.worker.loop import Worker
-from tests.support import EXAMPLE_BODY, InProcessApi, auth
-from tests.unit.test_queue import FlakyEngine
-
-
-def submit(api: InProcessApi, key: str, **changes: object) -> str:
-    r = api.client.post(
-        "/api/v1/images/generations", json={**EXAMPLE_BODY, **changes}, headers=auth(key)
-    )
-    assert r.status_code == 200, r.text
-    return str(r.json()["data"]["task_id"])
+from tests.support import InProcessApi, auth, complete_next_task, submit_task
 
 
 def cancel(api: InProcessApi, key: str, task_id: str) -> httpx.Response:
@@ -40,7 +29,7 @@ def account(api: InProcessApi, key: str) -> dict[str, Any]:
 
 def test_cancel_while_queued_refunds_at_once(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    task_id = submit(api, key, n=2)
+    task_id = submit_task(api.client, key, n=2)
     assert account(api, key)["balance"] == 32
     r = cancel(api, key, task_id)
     assert r.status_code == 200, r.text
@@ -67,7 +56,7 @@ def test_cancel_while_queued_refunds_at_once(api: InProcessApi) -> None:
 
 def test_cancelling_twice_is_a_conflict_and_refunds_once(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    task_id = submit(api, key)
+    task_id = submit_task(api.client, key)
     assert cancel(api, key, task_id).status_code == 200
     r = cancel(api, key, task_id)
     assert r.status_code == 409
@@ -78,7 +67,7 @@ def test_cancelling_twice_is_a_conflict_and_refunds_once(api: InProcessApi) -> N
 
 def test_tasks_behind_a_cancelled_one_move_up(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    first, second = submit(api, key), submit(api, key)
+    first, second = submit_task(api.client, key), submit_task(api.client, key)
     assert get(api, key, second)["progress"]["queue_position"] == 2
     cancel(api, key, first)
     assert get(api, key, second)["progress"]["queue_position"] == 1
@@ -86,7 +75,7 @@ def test_tasks_behind_a_cancelled_one_move_up(api: InProcessApi) -> None:
 
 def test_another_keys_task_or_an_unknown_one_is_not_found(api: InProcessApi) -> None:
     owner, other = api.make_key(credits=40, name="owner"), api.make_key(credits=40, name="other")
-    task_id = submit(api, owner)
+    task_id = submit_task(api.client, owner)
     for key, target in ((other, task_id), (owner, "nope_cv4")):
         r = cancel(api, key, target)
         assert r.status_code == 404
@@ -98,14 +87,8 @@ def test_another_keys_task_or_an_unknown_one_is_not_found(api: InProcessApi) -> 
 
 def test_a_completed_task_cannot_be_cancelled(api: InProcessApi) -> None:
     secret = api.make_key(credits=40)
-    task_id = submit(api, secret, size="768*1344")
-    worker = Worker(
-        settings=api.settings,
-        db=api.db,
-        storage=open_storage(api.settings.storage_url),
-        engine=FlakyEngine(),
-    )
-    assert worker.run_once()
+    task_id = submit_task(api.client, secret, size="768*1344")
+    complete_next_task(api)
     r = cancel(api, secret, task_id)
     assert r.status_code == 409
     assert r.json()["error"] == {

@@ -11,10 +11,14 @@ import pytest
 
 from cogview_api.config import Settings
 from cogview_api.services.signals import TaskSignals
-from cogview_api.storage import open_storage
-from cogview_api.worker.loop import Worker
-from tests.support import EXAMPLE_BODY, InProcessApi, auth, in_process_api, sse_items
-from tests.unit.test_queue import FlakyEngine
+from tests.support import (
+    InProcessApi,
+    auth,
+    complete_next_task,
+    in_process_api,
+    sse_items,
+    submit_task,
+)
 
 
 @pytest.fixture
@@ -22,12 +26,6 @@ def api(settings: Settings) -> Iterator[InProcessApi]:
     """The API with a keep-alive short enough to see in a test."""
     with in_process_api(settings.model_copy(update={"sse_keepalive_seconds": 0.3})) as running:
         yield running
-
-
-def submit(api: InProcessApi, key: str) -> str:
-    r = api.client.post("/api/v1/images/generations", json=EXAMPLE_BODY, headers=auth(key))
-    assert r.status_code == 200, r.text
-    return str(r.json()["data"]["task_id"])
 
 
 def get(api: InProcessApi, key: str, task_id: str) -> dict[str, Any]:
@@ -49,7 +47,7 @@ def next_task(items: Iterator[tuple[str, Any]]) -> dict[str, Any]:
 
 def test_stream_starts_with_the_task_and_ends_after_its_terminal_state(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    ahead, task_id = submit(api, key), submit(api, key)
+    ahead, task_id = submit_task(api.client, key), submit_task(api.client, key)
     with api.client.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -74,14 +72,8 @@ def test_stream_starts_with_the_task_and_ends_after_its_terminal_state(api: InPr
 
 def test_stream_of_a_finished_task_is_that_one_event(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    task_id = submit(api, key)
-    worker = Worker(
-        settings=api.settings,
-        db=api.db,
-        storage=open_storage(api.settings.storage_url),
-        engine=FlakyEngine(),
-    )
-    assert worker.run_once()
+    task_id = submit_task(api.client, key)
+    complete_next_task(api)
     with api.client.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r:
         items = list(sse_items(r))
     assert items == [("task", get(api, key, task_id))]
@@ -90,7 +82,7 @@ def test_stream_of_a_finished_task_is_that_one_event(api: InProcessApi) -> None:
 
 def test_stream_of_another_keys_task_is_a_plain_404(api: InProcessApi) -> None:
     owner, other = api.make_key(name="owner"), api.make_key(name="other")
-    task_id = submit(api, owner)
+    task_id = submit_task(api.client, owner)
     for key, target in ((other, task_id), (owner, "nope_cv4")):
         r = api.client.get(f"/api/v1/tasks/{target}/events", headers=auth(key))
         assert r.status_code == 404
@@ -101,7 +93,7 @@ def test_stream_of_another_keys_task_is_a_plain_404(api: InProcessApi) -> None:
 
 def test_a_client_that_goes_away_ends_its_stream(api: InProcessApi) -> None:
     key = api.make_key()
-    task_id = submit(api, key)
+    task_id = submit_task(api.client, key)
     signals: TaskSignals = api.app.state.signals
     with api.client.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r:
         items = sse_items(r)  # kept: dropping it would close the connection here already

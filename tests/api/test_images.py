@@ -8,8 +8,7 @@ from pathlib import Path
 from cogview_api.storage import LocalStorage
 from cogview_api.worker.loop import Worker
 from tests.conftest import make_settings
-from tests.support import EXAMPLE_BODY, auth, in_process_api
-from tests.unit.test_queue import FlakyEngine
+from tests.support import EXAMPLE_BODY, FlakyEngine, auth, in_process_api
 
 
 def test_image_url_works_without_a_key_then_expires(

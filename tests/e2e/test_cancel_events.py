@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from tests.support import (
-    EXAMPLE_BODY,
     ServerProcess,
     auth,
     poll_until_done,
     server_env,
     sse_items,
+    submit_task,
 )
 
 HD_STEPS = 40
@@ -44,14 +44,6 @@ def slow_server(
 def client(slow_server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=slow_server.base_url, timeout=60) as c:
         yield c
-
-
-def submit(client: httpx.Client, key: str, **changes: Any) -> str:
-    r = client.post(
-        "/api/v1/images/generations", json={**EXAMPLE_BODY, **changes}, headers=auth(key)
-    )
-    assert r.status_code == 200, r.text
-    return str(r.json()["data"]["task_id"])
 
 
 def get(client: httpx.Client, key: str, task_id: str) -> dict[str, Any]:
@@ -85,8 +77,8 @@ def test_cancel_while_running_stops_the_worker_at_its_next_step(
     slow_server: ServerProcess, client: httpx.Client
 ) -> None:
     key = str(slow_server.make_key(credits=40)["key"])
-    long_id = submit(client, key)
-    next_id = submit(client, key, **QUICK)
+    long_id = submit_task(client, key)
+    next_id = submit_task(client, key, **QUICK)
     running = wait_for_step(client, key, long_id, 2)
     r = client.post(f"/api/v1/tasks/{long_id}/cancel", headers=auth(key))
     assert r.status_code == 200, r.text
@@ -118,7 +110,7 @@ def test_cancel_racing_completion_gives_one_consistent_outcome(
     # Spread over a quick task's life (about 0.6 s here): cancels land while it waits,
     # encodes, decodes or saves, or after it finished.
     for delay in (0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.8):
-        task_id = submit(client, key, **QUICK)
+        task_id = submit_task(client, key, **QUICK)
         time.sleep(delay)
         r = client.post(f"/api/v1/tasks/{task_id}/cancel", headers=auth(key))
         assert r.status_code in (200, 409), r.text
@@ -135,7 +127,7 @@ def test_cancel_racing_completion_gives_one_consistent_outcome(
         assert get(client, key, task_id) == task  # settled for good
         outcomes[task_id] = task["status"]
     # One more task through the single worker: it is done with all of the above by then.
-    assert poll_until_done(client, submit(client, key, **QUICK), key)["status"] == "COMPLETED"
+    assert poll_until_done(client, submit_task(client, key, **QUICK), key)["status"] == "COMPLETED"
     completed = [t for t, status in outcomes.items() if status == "COMPLETED"]
     assert balance(client, key) == 100 - 4 * (len(completed) + 1), outcomes
     for task_id, status in outcomes.items():
@@ -156,7 +148,7 @@ def test_event_stream_follows_a_task_from_first_event_to_last(
     slow_server: ServerProcess, client: httpx.Client
 ) -> None:
     key = str(slow_server.make_key(credits=40)["key"])
-    task_id = submit(client, key, size="512*512")
+    task_id = submit_task(client, key, size="512*512")
     seen = list(read_stream(client, key, task_id))  # returns only once the server closes it
     assert seen[0]["status"] == "IN_PROGRESS" and seen[-1]["status"] == "COMPLETED"
     assert all(e["status"] == "IN_PROGRESS" for e in seen[:-1])
@@ -175,7 +167,7 @@ def test_event_stream_of_a_cancelled_task_ends_with_cancelled(
     slow_server: ServerProcess, client: httpx.Client
 ) -> None:
     key = str(slow_server.make_key(credits=40)["key"])
-    task_id = submit(client, key)
+    task_id = submit_task(client, key)
     seen: list[dict[str, Any]] = []
     for event in read_stream(client, key, task_id):
         seen.append(event)
@@ -196,7 +188,7 @@ def test_shutdown_ends_open_event_streams(tmp_path: Path, tiny_cache: Path) -> N
     try:
         key = str(proc.make_key(credits=40)["key"])
         with httpx.Client(base_url=proc.base_url, timeout=30) as c:
-            task_id = submit(c, key)
+            task_id = submit_task(c, key)
             with c.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r:
                 items = sse_items(r)
                 assert next(items)[0] == "task"

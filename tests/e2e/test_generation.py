@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cogview_api.domain import PRESET_SIZES
-from tests.support import EXAMPLE_BODY, ServerProcess, auth, poll_until_done
+from tests.support import EXAMPLE_BODY, ServerProcess, auth, poll_until_done, submit_task
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,6 @@ def client(server: ServerProcess) -> Any:
         yield c
 
 
-def submit(client: httpx.Client, key: str, **changes: Any) -> str:
-    r = client.post(
-        "/api/v1/images/generations", json={**EXAMPLE_BODY, **changes}, headers=auth(key)
-    )
-    assert r.status_code == 200, r.text
-    assert r.json()["data"]["status"] == "IN_PROGRESS"
-    return str(r.json()["data"]["task_id"])
-
-
 def download(url: str) -> tuple[bytes, Image.Image]:
     r = httpx.get(url, timeout=30)  # no bearer: the URL itself is the capability
     assert r.status_code == 200
@@ -46,7 +37,7 @@ def pixels(url: str) -> np.ndarray[Any, Any]:
 
 
 def test_seed_example_body_gives_a_1024_png(client: httpx.Client, key: str) -> None:
-    task_id = submit(client, key)
+    task_id = submit_task(client, key)
     task = poll_until_done(client, task_id, key)
     assert task["status"] == "COMPLETED", task["error"]
     assert task["progress"]["stage"] == "done" and task["progress"]["percent"] == 100
@@ -61,7 +52,7 @@ def test_seed_example_body_gives_a_1024_png(client: httpx.Client, key: str) -> N
 
 def test_all_seven_sizes_in_both_qualities(client: httpx.Client, key: str) -> None:
     cases = [(w, h, q) for (w, h) in PRESET_SIZES for q in ("hd", "standard")]
-    ids = {submit(client, key, size=f"{w}*{h}", quality=q): (w, h, q) for (w, h, q) in cases}
+    ids = {submit_task(client, key, size=f"{w}*{h}", quality=q): (w, h, q) for (w, h, q) in cases}
     for task_id, (w, h, quality) in ids.items():
         task = poll_until_done(client, task_id, key, timeout=300)
         assert task["status"] == "COMPLETED", task["error"]
@@ -73,7 +64,9 @@ def test_all_seven_sizes_in_both_qualities(client: httpx.Client, key: str) -> No
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_output_formats(client: httpx.Client, key: str, fmt: str, pil_format: str) -> None:
-    task = poll_until_done(client, submit(client, key, output_format=fmt, size="864*1152"), key)
+    task = poll_until_done(
+        client, submit_task(client, key, output_format=fmt, size="864*1152"), key
+    )
     (image,) = task["images"]
     assert image["url"].endswith("." + fmt)
     _, img = download(image["url"])
@@ -84,10 +77,10 @@ def test_same_seed_same_image_and_n2_reports_a_seed_per_image(
     client: httpx.Client, key: str
 ) -> None:
     body = {"size": "720*1440", "quality": "standard", "seed": 123}
-    first = poll_until_done(client, submit(client, key, **body), key)
-    again = poll_until_done(client, submit(client, key, **body), key)
-    pair = poll_until_done(client, submit(client, key, **body, n=2), key)
-    other = poll_until_done(client, submit(client, key, **{**body, "seed": 124}), key)
+    first = poll_until_done(client, submit_task(client, key, **body), key)
+    again = poll_until_done(client, submit_task(client, key, **body), key)
+    pair = poll_until_done(client, submit_task(client, key, **body, n=2), key)
+    other = poll_until_done(client, submit_task(client, key, **{**body, "seed": 124}), key)
     a, _ = download(first["images"][0]["url"])
     b, _ = download(again["images"][0]["url"])
     assert a == b
@@ -104,7 +97,7 @@ def test_same_seed_same_image_and_n2_reports_a_seed_per_image(
 
 
 def test_progress_moves_through_the_stages(client: httpx.Client, key: str) -> None:
-    task_id = submit(client, key, size="1440*720")
+    task_id = submit_task(client, key, size="1440*720")
     seen: set[tuple[str, int]] = set()
     while True:
         data = client.get(f"/api/v1/tasks/{task_id}", headers=auth(key)).json()["data"]
@@ -119,7 +112,7 @@ def test_progress_moves_through_the_stages(client: httpx.Client, key: str) -> No
 
 def test_account_counts_generated_images(client: httpx.Client, server: ServerProcess) -> None:
     fresh = str(server.make_key(credits=12, name="counting")["key"])
-    poll_until_done(client, submit(client, fresh, n=2, size="1152*864"), fresh)
+    poll_until_done(client, submit_task(client, fresh, n=2, size="1152*864"), fresh)
     acct = client.get("/api/v1/account", headers=auth(fresh)).json()["data"]
     assert acct == {
         "key_id": acct["key_id"],

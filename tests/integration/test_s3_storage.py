@@ -16,8 +16,15 @@ from cogview_api.storage.s3 import S3Storage
 from cogview_api.worker.loop import Worker
 from tests.integration.conftest import MotoServer
 from tests.pg import PgCluster
-from tests.support import EXAMPLE_BODY, InProcessApi, ServerProcess, auth, free_port, server_env
-from tests.unit.test_queue import FlakyEngine
+from tests.support import (
+    EXAMPLE_BODY,
+    FlakyEngine,
+    InProcessApi,
+    ServerProcess,
+    auth,
+    free_port,
+    server_env,
+)
 
 KEY = "2026/11/24/task_cv4/0-tok.png"
 

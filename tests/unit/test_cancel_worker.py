@@ -21,7 +21,7 @@ from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.worker.loop import Worker
 from tests.conftest import make_settings
-from tests.unit.test_queue import FlakyEngine
+from tests.support import FlakyEngine
 
 STEPS = 6
 SMALL = Size(512, 512)

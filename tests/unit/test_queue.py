@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Size, TaskState
-from cogview_api.engine import EngineJob, ProgressFn
-from cogview_api.errors import EngineOutOfMemory, InsufficientCredits
+from cogview_api.errors import InsufficientCredits
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.storage import LocalStorage
@@ -23,6 +20,7 @@ from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.store.tables import utcnow
 from cogview_api.worker.loop import Worker
+from tests.support import FlakyEngine
 
 SQUARE = Size(1024, 1024)
 
@@ -108,28 +106,6 @@ def test_a_worker_that_lost_its_lease_cannot_settle_the_task(
         )
     with db.read() as conn:
         assert task_store.get_task(conn, task.id).worker_id == "new"
-
-
-class FlakyEngine:
-    """An Engine stand-in: runs out of memory on prompts containing 'oom', draws a gray
-    image otherwise. Exercises the worker's failure path without a GPU."""
-
-    name = "flaky"
-    device = "cpu"
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
-        out = []
-        for job in jobs:
-            self.calls.append(job.task_id)
-            if "oom" in job.prompt:
-                raise EngineOutOfMemory("The GPU ran out of memory for this task.")
-            for step in range(1, job.steps + 1):
-                progress(job.task_id, "denoising", step)
-            out.append([Image.new("RGB", (job.width, job.height), "gray") for _ in job.seeds])
-        return out
 
 
 def test_engine_failure_fails_that_task_with_refund_and_the_worker_goes_on(
