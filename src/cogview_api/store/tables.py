@@ -140,6 +140,19 @@ images = Table(
     Index("ix_images_expires_at", "expires_at"),
 )
 
+# Idempotency-Key records, scoped per API key: a retry with the same key and the same request
+# hash within 24 h answers with task_id instead of creating (and charging) a new task.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("idem_key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),  # sha256 hex of the canonical body
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_idempotency_keys_created_at", "created_at"),
+)
+
 # Workers announce themselves here; /readyz reads it from any API process.
 workers = Table(
     "workers",
