@@ -148,7 +148,8 @@ idempotency_keys = Table(
     Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
     Column("idem_key", String(255), primary_key=True),
     Column("request_hash", String(64), nullable=False),  # sha256 hex of the canonical body
-    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    # Null only inside the submit transaction, between claiming the key and inserting the task.
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_idempotency_keys_created_at", "created_at"),
 )

@@ -6,6 +6,8 @@ Create Date: 2026-11-24 05:10:00
 
 One row per (API key, Idempotency-Key header): the hash of the request it was first used with and
 the task that request created, so a retry within 24 h gets the same task and is charged once.
+`task_id` is null only inside the submit transaction: the row is inserted first (so a racing
+retry blocks on its primary key before reserving any credits), and filled in once the task exists.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def upgrade() -> None:
         sa.Column("key_id", sa.String(length=32), nullable=False),
         sa.Column("idem_key", sa.String(length=255), nullable=False),
         sa.Column("request_hash", sa.String(length=64), nullable=False),
-        sa.Column("task_id", sa.String(length=64), nullable=False),
+        sa.Column("task_id", sa.String(length=64), nullable=True),
         sa.Column(
             "created_at", cogview_api.store.tables.UTCDateTime(timezone=True), nullable=False
         ),
