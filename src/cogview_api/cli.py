@@ -87,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ValidationError as exc:
         err = exc.errors()[0]
-        print(f"cogview-api: invalid setting {err['loc'][0]}: {err['msg']}", file=sys.stderr)
+        if err["loc"]:
+            print(f"cogview-api: invalid setting {err['loc'][0]}: {err['msg']}", file=sys.stderr)
+        else:  # a rule across settings, whose message names them
+            print(f"cogview-api: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     try:
         return _run(args, settings)

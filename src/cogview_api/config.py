@@ -56,10 +56,21 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=1, ge=1, le=16)
     retention_days: float = Field(default=7.0, gt=0.0)
 
+    # Image URLs on S3 (issue 3): "proxy" = the API serves the bytes; "presigned" = the task's
+    # image URLs are presigned GET URLs of the bucket (S3 storage only), signed for
+    # s3_public_endpoint_url when clients reach the store at another address than the API does.
+    image_urls: Literal["proxy", "presigned"] = "proxy"
+    s3_public_endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+")
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("COGVIEW_ADMIN_TOKEN must be at least 16 characters")
+        if self.image_urls == "presigned" and not self.storage_url.startswith("s3://"):
+            raise ValueError(
+                "COGVIEW_IMAGE_URLS=presigned needs images in S3 (COGVIEW_STORAGE_URL=s3://...); "
+                "with local files use COGVIEW_IMAGE_URLS=proxy."
+            )
         return self
 
     @property

@@ -62,7 +62,11 @@ def load_engines(settings: Settings, count: int) -> list[Engine]:
 def serve(settings: Settings) -> None:
     db = Database(settings.database_url)
     db.migrate()
-    storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    storage = open_storage(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_public_endpoint_url=settings.s3_public_endpoint_url,  # the API presigns for clients
+    )
     engines = load_engines(settings, settings.workers)
     signals = TaskSignals()
     workers = [

@@ -9,6 +9,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cogview_api import __version__
 from cogview_api.api.errors import RequestGuard, install_error_handlers
+from cogview_api.api.present import presigner
 from cogview_api.api.routes import health, images, native, openai_compat, page, zhipu_compat
 from cogview_api.api.routes.page import STATIC
 from cogview_api.config import Settings
@@ -37,8 +38,11 @@ def create_app(
     app.state.settings = settings
     app.state.db = db or Database(settings.database_url)
     app.state.storage = storage or open_storage(
-        settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_public_endpoint_url=settings.s3_public_endpoint_url,
     )
+    app.state.presign = presigner(settings.image_urls, app.state.storage)
     app.state.on_submit = tuple(on_submit)
     app.state.signals = signals or TaskSignals()
     install_error_handlers(app)

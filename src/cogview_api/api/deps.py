@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from cogview_api.api.present import ImageLinks
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey
 from cogview_api.services import keys as key_service
@@ -49,8 +50,13 @@ def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def image_links(request: Request) -> ImageLinks:
+    return ImageLinks(base=base_url(request), presign=request.app.state.presign)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[Database, Depends(get_db)]
 StorageDep = Annotated[ImageStorage, Depends(get_storage)]
 CurrentKey = Annotated[ApiKey, Depends(get_current_key)]
-BaseUrl = Annotated[str, Depends(base_url)]
+# Routes call it `base`: where their image URLs point (this server, or presigned in the bucket).
+BaseUrl = Annotated[ImageLinks, Depends(image_links)]

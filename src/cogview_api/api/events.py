@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from cogview_api.api.present import task_public
+from cogview_api.api.present import ImageLinks, task_public
 from cogview_api.domain import ApiKey, Task
 from cogview_api.errors import CogviewError
 from cogview_api.services import generation
@@ -34,7 +34,7 @@ HEADERS = {
 }
 
 
-def task_frame(task: Task, base: str) -> str:
+def task_frame(task: Task, base: ImageLinks) -> str:
     return f"event: task\ndata: {task_public(task, base).model_dump_json()}\n\n"
 
 
@@ -43,7 +43,7 @@ async def task_stream(
     db: Database,
     key: ApiKey,
     first: Task,
-    base: str,
+    base: ImageLinks,
     signals: TaskSignals,
     keepalive_s: float,
 ) -> AsyncIterator[str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
 from cogview_api.api.schemas import (
     CreditsPublic,
     ErrorDetail,
@@ -11,14 +15,50 @@ from cogview_api.api.schemas import (
     TaskCreated,
     TaskPublic,
 )
-from cogview_api.domain import Task
+from cogview_api.domain import ImageRecord, Task
+from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
+from cogview_api.store.tables import utcnow
+
+# Signs a GET URL for a storage key, valid the given seconds: `PresignedUrls.presigned_url`.
+Presign = Callable[[str, int], str]
 
 
 def image_url(base: str, token: str, fmt: str) -> str:
     return f"{base}/images/{token}.{fmt}"
 
 
-def task_public(task: Task, base: str) -> TaskPublic:
+@dataclass(frozen=True)
+class ImageLinks:
+    """Where the image URLs of a response point (COGVIEW_IMAGE_URLS).
+
+    Without `presign` ("proxy"): this API's `/images/{token}.{fmt}`, which serves the bytes
+    from any storage. With it ("presigned"): a presigned GET URL of the object in the bucket,
+    valid for the image's remaining retention but at most SigV4's 7 days, so with a longer
+    retention a client gets a fresh URL by reading the task again. Once the retention has
+    passed, the API's URL again, which answers 404 like every expired image.
+    """
+
+    base: str
+    presign: Presign | None = None
+
+    def url(self, image: ImageRecord, expires_at: datetime | None) -> str:
+        if self.presign is not None and expires_at is not None:
+            seconds = int((expires_at - utcnow()).total_seconds())
+            if seconds >= 1:
+                return self.presign(image.storage_key, min(seconds, PRESIGN_MAX_SECONDS))
+        return image_url(self.base, image.token, image.format)
+
+
+def presigner(mode: str, storage: ImageStorage) -> Presign | None:
+    """The signer that `ImageLinks` needs for `mode`, checked once when the app is built."""
+    if mode == "proxy":
+        return None
+    if not isinstance(storage, PresignedUrls):
+        raise ValueError(f"COGVIEW_IMAGE_URLS={mode} needs S3 storage, not {type(storage)}")
+    return storage.presigned_url
+
+
+def task_public(task: Task, base: ImageLinks) -> TaskPublic:
     error = None
     if task.error_code is not None:
         error = ErrorDetail(
@@ -53,7 +93,7 @@ def task_public(task: Task, base: str) -> TaskPublic:
         ),
         images=[
             ImagePublic(
-                url=image_url(base, img.token, img.format),
+                url=base.url(img, task.expires_at),
                 width=img.width,
                 height=img.height,
                 seed=img.seed,

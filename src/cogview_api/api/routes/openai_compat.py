@@ -19,7 +19,6 @@ from cogview_api.api.compat_schemas import (
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.inputs import parse_json_object
-from cogview_api.api.present import image_url
 from cogview_api.api.waiting import generate_and_wait
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
@@ -65,7 +64,7 @@ async def create_image(
         encoded = await run_in_threadpool(images_base64, storage, task)
         images = [OpenAIImage(b64_json=b64) for b64 in encoded]
     else:
-        images = [OpenAIImage(url=image_url(base, i.token, i.format)) for i in task.images]
+        images = [OpenAIImage(url=base.url(i, task.expires_at)) for i in task.images]
     return OpenAIImagesResponse(created=int(task.created_at.timestamp()), data=images)
 
 

@@ -18,7 +18,6 @@ from cogview_api.api.compat_schemas import (
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.inputs import parse_json_object
-from cogview_api.api.present import image_url
 from cogview_api.api.waiting import generate_and_wait
 
 router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
@@ -51,5 +50,5 @@ async def create_image(
     task = await generate_and_wait(
         request, db=db, settings=settings, key=key, generation_request=body.to_domain()
     )
-    images = [ZhipuImage(url=image_url(base, i.token, i.format)) for i in task.images]
+    images = [ZhipuImage(url=base.url(i, task.expires_at)) for i in task.images]
     return ZhipuImagesResponse(created=int(task.created_at.timestamp()), data=images)
