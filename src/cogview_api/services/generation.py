@@ -4,32 +4,125 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
+
+from sqlalchemy import Connection
 
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
-from cogview_api.errors import Conflict, InvalidRequest
+from cogview_api.errors import CogviewError, Conflict, InvalidRequest, ServiceUnavailable
 from cogview_api.services.text import refuse_unstorable_text
+from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 
 
-def submit(db: Database, settings: Settings, *, key: ApiKey, request: GenerationRequest) -> Task:
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """An `Idempotency-Key` header, and the hash of the request it came with (which surface
+    and body: the API layer computes it, as only it knows the wire form)."""
+
+    value: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Submission:
+    task: Task
+    replayed: bool  # True: an earlier request with the same Idempotency-Key created the task
+
+
+# A retry that lost a race on its Idempotency-Key reads the winner's record on its next pass;
+# needing more passes means the key keeps being claimed and freed (expiring) under us.
+_CLAIM_PASSES = 3
+
+
+def submit(
+    db: Database,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    request: GenerationRequest,
+) -> Task:
     """Reserve the credits and enqueue the task in one transaction: all or nothing."""
+    return submit_idempotent(
+        db, settings, key=key, request=request, idempotency=None
+    ).task
+
+
+def submit_idempotent(
+    db: Database,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    request: GenerationRequest,
+    idempotency: IdempotencyKey | None,
+) -> Submission:
+    """`submit`, at most once per Idempotency-Key and 24 h when one is given.
+
+    The key's record is written in the same transaction as the task and its credit reservation,
+    so retries (also concurrent ones, on either database) give one task and one charge. A live
+    record of the same request answers with its task (`replayed`); of another request,
+    Conflict, with nothing written.
+    """
     refuse_unstorable_text(
         prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
     )
-    price = settings.price_for(request.quality) * request.n
-    with db.write() as conn:
-        return task_store.insert_task(
-            conn,
-            key_id=key.id,
-            request=request,
-            steps=settings.steps_for(request.quality),
-            guidance_scale=settings.guidance_scale,
-            price=price,
-            max_attempts=settings.max_attempts,
-            max_queue=settings.max_queue,
+    for _ in range(_CLAIM_PASSES):
+        try:
+            with db.write() as conn:
+                if idempotency is not None:
+                    prior = idempotency_store.find(conn, key_id=key.id, idem_key=idempotency.value)
+                    if prior is not None:
+                        return Submission(_replay(conn, idempotency, prior), replayed=True)
+                    idempotency_store.claim(
+                        conn,
+                        key_id=key.id,
+                        idem_key=idempotency.value,
+                        request_hash=idempotency.request_hash,
+                    )
+                task = _insert(conn, settings, key=key, request=request)
+                if idempotency is not None:
+                    idempotency_store.attach(
+                        conn, key_id=key.id, idem_key=idempotency.value, task_id=task.id
+                    )
+                return Submission(task, replayed=False)
+        except idempotency_store.KeyClaimedMeanwhile:
+            continue  # rolled back; the next pass finds the record that won
+    raise ServiceUnavailable("The Idempotency-Key is busy; try again shortly.", retry_after=1)
+
+
+def _insert(
+    conn: Connection,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    request: GenerationRequest,
+) -> Task:
+    return task_store.insert_task(
+        conn,
+        key_id=key.id,
+        request=request,
+        steps=settings.steps_for(request.quality),
+        guidance_scale=settings.guidance_scale,
+        price=settings.price_for(request.quality) * request.n,
+        max_attempts=settings.max_attempts,
+        max_queue=settings.max_queue,
+    )
+
+
+def _replay(
+    conn: Connection, idempotency: IdempotencyKey, prior: idempotency_store.IdempotencyRecord
+) -> Task:
+    if prior.request_hash != idempotency.request_hash:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request in the last 24 "
+            "hours; use a new key for a new request.",
+            param="Idempotency-Key",
         )
+    if prior.task_id is None:  # only ever seen inside the claiming transaction
+        raise CogviewError("An Idempotency-Key record has no task.")
+    return task_store.get_task(conn, prior.task_id)
 
 
 def get_task(db: Database, *, key: ApiKey, task_id: str) -> Task:

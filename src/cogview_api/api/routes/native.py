@@ -12,6 +12,7 @@ from starlette.responses import StreamingResponse
 from cogview_api.api import events
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.idempotency import REPLAYED_HEADER, idempotency_key
 from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.present import task_created, task_public
 from cogview_api.api.schemas import (
@@ -60,11 +61,22 @@ async def create_generation(
         body = GenerationCreate.model_validate(data)
     except ValidationError as exc:
         raise invalid_from_validation(exc) from exc
-    task = await run_in_threadpool(
-        generation.submit, db, settings, key=key, request=body.to_domain()
+    idempotency = idempotency_key(request, "native", data)
+    submitted = await run_in_threadpool(
+        lambda: generation.submit_idempotent(
+            db,
+            settings,
+            key=key,
+            request=body.to_domain(),
+            idempotency=idempotency,
+        )
     )
-    for notify in request.app.state.on_submit:
-        notify()
+    task = submitted.task
+    if submitted.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    else:
+        for notify in request.app.state.on_submit:
+            notify()
     wait = requested_wait(request.headers.get("prefer"))
     if wait:
         finished = await wait_until_terminal(request, db, key, task.id, wait)
