@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
+    rotate = keys.add_parser(
+        "rotate-webhook-secret", help="a new webhook signing secret for a key; prints it once"
+    )
+    rotate.add_argument("key_id")
+    rotate.add_argument("--json", action="store_true")
 
     credits = sub.add_parser("credits", help="credit ledger").add_subparsers(
         dest="credits_command", required=True
@@ -120,11 +125,19 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         print("database schema is up to date")
     elif args.command == "keys" and args.keys_command == "create":
         key, secret = key_service.create_key(db, name=args.name, credits=args.credits)
+        signing = key_service.webhook_secret(db, key.id)
         if args.json:
-            print(json.dumps({**_key_dict(key), "key": secret}))
+            print(json.dumps({**_key_dict(key), "key": secret, "webhook_secret": signing}))
         else:
             print(f"created {key.id} ({key.name}) with {key.balance} credits")
             print(f"API key (shown once, store it now): {secret}")
+            print(f"webhook signing secret (shown once, verifies callback_url POSTs): {signing}")
+    elif args.command == "keys" and args.keys_command == "rotate-webhook-secret":
+        signing = key_service.rotate_webhook_secret(db, args.key_id)
+        if args.json:
+            print(json.dumps({"id": args.key_id, "webhook_secret": signing}))
+        else:
+            print(f"new webhook signing secret of {args.key_id} (shown once): {signing}")
     elif args.command == "keys" and args.keys_command == "list":
         keys = [_key_dict(k) for k in key_service.list_keys(db)]
         if args.json:

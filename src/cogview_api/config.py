@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "THUDM/CogView4-6B"
 TINY_MODEL = "tiny"
+
+
+def parse_size_list(text: str) -> list[tuple[int, int]]:
+    """`"1024*1024,768*1344"` -> [(1024, 1024), (768, 1344)]; empty -> []."""
+    from cogview_api.domain import parse_size
+
+    sizes = [parse_size(part) for part in text.split(",") if part.strip()]
+    return [(size.width, size.height) for size in sizes]
 
 
 class Settings(BaseSettings):
@@ -31,6 +39,30 @@ class Settings(BaseSettings):
     steps_hd: int = Field(default=50, ge=1, le=200)
     steps_standard: int = Field(default=20, ge=1, le=200)
     guidance_scale: float = Field(default=3.5, ge=1.0, le=20.0)
+
+    # The fast engine (issue 4; docs/architecture.md "The fast path"). `engine`: fast = ours,
+    # same images as stock within fp reassociation; stock = diffusers' CogView4Pipeline as is.
+    # `text_encoder` (fast engine, CUDA only): gpu = resident; cpu = encodes on the CPU;
+    # offload = on the GPU only while encoding. `torch_compile`: auto = on with CUDA.
+    # `compile_sizes`: comma-separated W*H warmed up at load when compiling.
+    engine: Literal["fast", "stock"] = "fast"
+    text_encoder: Literal["gpu", "cpu", "offload"] = "gpu"
+    torch_compile: Literal["auto", "on", "off"] = "auto"
+    compile_sizes: str = "1024*1024"
+    # Speed modes that CHANGE the image, off by default. first-block: skip blocks 1..N at a step
+    # when block 0's output moved less than the threshold since the last computed step.
+    unsafe_step_cache: Literal["off", "first-block"] = "off"
+    step_cache_threshold: float = Field(default=0.1, gt=0.0, le=1.0)
+
+    @field_validator("compile_sizes")
+    @classmethod
+    def _compile_sizes(cls, value: str) -> str:
+        parse_size_list(value)  # a bad size stops the start, not the warm-up
+        return value
+
+    @property
+    def compile_size_list(self) -> list[tuple[int, int]]:
+        return parse_size_list(self.compile_sizes)
 
     # Serving.
     host: str = "127.0.0.1"

@@ -134,6 +134,27 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
+class WebhookAttempt:
+    """One POST of a webhook: the receiver's status code, or why there was none."""
+
+    number: int
+    at: datetime
+    status_code: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """The terminal task object on its way to the task's callback_url."""
+
+    id: str  # the webhook-id header, the same on every attempt
+    event: str  # task.completed | task.failed | task.cancelled
+    state: str  # pending | delivered | failed (retries exhausted)
+    attempts: tuple[WebhookAttempt, ...]
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True)
 class Task:
     """A task as the store holds it."""
 
@@ -170,6 +191,8 @@ class Task:
     worker_id: str | None = None
     images: tuple[ImageRecord, ...] = ()
     queue_position: int | None = None
+    base_url: str | None = None  # image URLs' base as the submitter saw it (for webhooks)
+    webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
 
     @property
     def size(self) -> Size:

@@ -17,6 +17,7 @@ from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
 from cogview_api.store.db import Database
+from cogview_api.webhooks.dispatcher import Dispatcher
 from cogview_api.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def serve(settings: Settings) -> None:
     threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
     for t in threads:
         t.start()
+    dispatcher = Dispatcher(settings=settings, db=db)  # webhooks, also with --workers 0
+    dispatcher_thread = dispatcher.start()
     with db.read() as conn:
         if not key_store.list_keys(conn):
             log.warning(
@@ -103,6 +106,8 @@ def serve(settings: Settings) -> None:
         for t in threads:
             # A batch in hand finishes or its lease runs out and another worker takes it.
             t.join(timeout=30)
+        dispatcher.shutdown()
+        dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()
 
 
@@ -119,5 +124,11 @@ def run_worker(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    worker.run()
-    db.dispose()
+    dispatcher = Dispatcher(settings=settings, db=db)
+    dispatcher_thread = dispatcher.start()
+    try:
+        worker.run()
+    finally:
+        dispatcher.shutdown()
+        dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
+        db.dispose()

@@ -53,7 +53,8 @@ FIELD_CASES = [
     ("user-id-nul", body(user_id="u\x00"), "user_id"),
     ("user-id-129", body(user_id="u" * 129), "user_id"),
     ("unknown-field", body(qualty="hd"), "qualty"),
-    ("callback-not-available", body(callback_url="https://example.com/hook"), "callback_url"),
+    ("callback-link-local", body(callback_url="http://169.254.169.254/latest/"), "callback_url"),
+    ("callback-not-http", body(callback_url="file:///etc/passwd"), "callback_url"),
 ]
 
 

@@ -14,8 +14,10 @@ from cogview_api.api.schemas import (
     RequestPublic,
     TaskCreated,
     TaskPublic,
+    WebhookAttemptPublic,
+    WebhookPublic,
 )
-from cogview_api.domain import ImageRecord, Task
+from cogview_api.domain import ImageRecord, Task, WebhookDelivery
 from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
 from cogview_api.store.tables import utcnow
 
@@ -103,6 +105,20 @@ def task_public(task: Task, base: ImageLinks) -> TaskPublic:
         ],
         credits=CreditsPublic(charged=task.credits_charged, refunded=task.credits_refunded),
         error=error,
+        webhook=webhook_public(task.webhook) if task.webhook else None,
+    )
+
+
+def webhook_public(delivery: WebhookDelivery) -> WebhookPublic:
+    return WebhookPublic(
+        id=delivery.id,
+        event=delivery.event,  # type: ignore[arg-type]
+        status=delivery.state,  # type: ignore[arg-type]
+        attempts=[
+            WebhookAttemptPublic(number=a.number, at=a.at, status_code=a.status_code, error=a.error)
+            for a in delivery.attempts
+        ],
+        next_attempt_at=delivery.next_attempt_at,
     )
 
 

@@ -16,6 +16,7 @@ from cogview_api.domain import (
     GenerationRequest,
     parse_size,
 )
+from cogview_api.webhooks.addresses import check_syntax
 
 
 class GenerationCreate(BaseModel):
@@ -50,7 +51,10 @@ class GenerationCreate(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     callback_url: str | None = Field(
-        default=None, description="Not available yet on this server: refused with 400."
+        default=None,
+        description="http(s) URL that receives the terminal task object by POST, signed with "
+        "the Standard Webhooks scheme. Loopback, private and link-local targets are refused "
+        "unless the operator allows them.",
     )
     user_id: str | None = Field(default=None, max_length=MAX_USER_ID_CHARS)
 
@@ -72,9 +76,8 @@ class GenerationCreate(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _callback(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("webhooks (callback_url) are not available on this server yet")
-        return value
+        # The shape here; where it resolves to is checked off the event loop, at submit.
+        return None if value is None else check_syntax(value)
 
     def to_domain(self) -> GenerationRequest:
         return GenerationRequest(
@@ -130,6 +133,23 @@ class ErrorDetail(BaseModel):
     param: str | None = None
 
 
+class WebhookAttemptPublic(BaseModel):
+    number: int
+    at: datetime
+    status_code: int | None = Field(description="The receiver's answer; null if none came.")
+    error: str | None = Field(description="Why there was no answer (timeout, refused, ...).")
+
+
+class WebhookPublic(BaseModel):
+    """The delivery of the task's callback_url, once the task has settled."""
+
+    id: str = Field(description="The `webhook-id` header, the same on every attempt.")
+    event: Literal["task.completed", "task.failed", "task.cancelled"]
+    status: Literal["pending", "delivered", "failed"]
+    attempts: list[WebhookAttemptPublic]
+    next_attempt_at: datetime | None
+
+
 class TaskPublic(BaseModel):
     """Server -> client: a task as GET /api/v1/tasks/{id} shows it."""
 
@@ -145,6 +165,9 @@ class TaskPublic(BaseModel):
     images: list[ImagePublic]
     credits: CreditsPublic
     error: ErrorDetail | None
+    webhook: WebhookPublic | None = Field(
+        default=None, description="Deliveries to callback_url; not part of the webhook payload."
+    )
 
 
 class TaskCreated(BaseModel):

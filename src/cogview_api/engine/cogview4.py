@@ -1,15 +1,19 @@
-"""CogView 4 on Hugging Face diffusers: the one module (with `tiny.py`) that imports torch.
+"""CogView 4 on Hugging Face diffusers: with `cogview4_fast.py` and the model builders, the
+only modules that import torch.
 
 Loads `CogView4Pipeline` in bf16 on a CUDA device for the real weights, or the tiny
-random-weight pipeline in fp32 on the CPU (or GPU) for trying the API without one.
-Torch and diffusers errors are translated into `EngineError`s here and go no further.
+random-weight pipeline in fp32 on the CPU (or GPU) for trying the API without one, and runs it
+either through our fast path (`COGVIEW_ENGINE=fast`, `cogview4_fast.py`) or as the stock
+pipeline (`stock`). Torch and diffusers errors are translated into `EngineError`s here and go
+no further.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +22,7 @@ from diffusers import CogView4Pipeline
 
 from cogview_api.config import DEFAULT_MODEL, Settings
 from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
 from cogview_api.errors import EngineError, EngineLoadError, EngineOutOfMemory
 
 if TYPE_CHECKING:
@@ -39,12 +44,19 @@ def resolve_device(requested: str) -> str:
 
 
 class CogView4Engine:
-    """The stock diffusers pipeline behind the `Engine` interface."""
+    """A loaded pipeline behind the `Engine` interface: our fast path, or the stock pipeline.
 
-    def __init__(self, pipe: CogView4Pipeline, *, name: str, device: str) -> None:
+    `fast` is None for the stock engine. Both can share one pipeline's weights:
+    `CogView4Engine.from_pipe(engine.pipe, settings)` with another `engine` setting.
+    """
+
+    def __init__(
+        self, pipe: CogView4Pipeline, *, name: str, device: str, fast: FastCogView4 | None
+    ) -> None:
         self.pipe = pipe
         self.name = name
         self.device = device
+        self.fast = fast
         # One pipeline runs one call at a time: its scheduler and interrupt flag are shared.
         self._lock = threading.Lock()
 
@@ -65,7 +77,7 @@ class CogView4Engine:
                 )
             source, dtype = settings.model, torch.bfloat16
         try:
-            pipe = CogView4Pipeline.from_pretrained(source, torch_dtype=dtype)
+            pipe = CogView4Pipeline.from_pretrained(source, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise EngineLoadError(
                 f"Could not load CogView 4 weights from {settings.model!r}: give --model a local "
@@ -74,18 +86,89 @@ class CogView4Engine:
                 "use --model tiny."
             ) from exc
         pipe.set_progress_bar_config(disable=True)
-        try:
-            pipe.to(device)
-        except torch.OutOfMemoryError as exc:
-            raise EngineLoadError(
-                f"The model does not fit on {device}: CogView4-6B needs about "
-                f"{REAL_MODEL_GPU_GB} GB of GPU memory."
-            ) from exc
-        return cls(pipe, name=settings.model, device=device)
+        return cls.from_pipe(pipe, settings, device=device)
+
+    @classmethod
+    def from_pipe(
+        cls, pipe: CogView4Pipeline, settings: Settings, *, device: str | None = None
+    ) -> CogView4Engine:
+        """An engine on an already loaded pipeline: moves it to the device, and for the fast
+        engine registers our attention processor (identical to stock without a mask), compiles
+        and warms up. A stock and a fast engine built on one pipeline share its weights."""
+        device = device or resolve_device(settings.device)
+        fast = None
+        if settings.engine == "fast":
+            compile_blocks = settings.torch_compile == "on" or (
+                settings.torch_compile == "auto" and device.startswith("cuda")
+            )
+            fast = FastCogView4(
+                pipe,
+                device=device,
+                text_encoder_mode=settings.text_encoder,
+                compile_blocks=compile_blocks,
+                step_cache_threshold=(
+                    settings.step_cache_threshold
+                    if settings.unsafe_step_cache == "first-block"
+                    else None
+                ),
+            )
+        with _out_of_memory_at_load(device):
+            if fast is not None:
+                fast.place()
+            else:
+                pipe.to(device)
+        engine = cls(pipe, name=settings.model, device=device, fast=fast)
+        if fast is not None and fast.compiled:
+            with torch.inference_mode(), _out_of_memory_at_load(device):
+                fast.warmup(settings.compile_size_list)
+        return engine
 
     def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image]]:
         with self._lock:
-            return [self._generate_one(job, progress) for job in jobs]
+            if self.fast is None:
+                return [self._generate_one(job, progress) for job in jobs]
+            results: dict[int, list[Image]] = {}
+            for batch in _batches(jobs):
+                results.update(self._generate_batch(jobs, batch, progress))
+            return [results[i] for i in range(len(jobs))]
+
+    def _generate_batch(
+        self, jobs: Sequence[EngineJob], batch: list[int], progress: ProgressFn
+    ) -> dict[int, list[Image]]:
+        """Jobs `batch` (indexes into `jobs`, one batch key) in one denoising loop."""
+        assert self.fast is not None
+        first = jobs[batch[0]]
+
+        def on_step(group: int, step: int) -> bool:
+            job = jobs[batch[group]]
+            return progress(job.task_id, "denoising" if step < job.steps else "decoding", step)
+
+        try:
+            with torch.inference_mode():
+                latents = self.fast.denoise(
+                    [
+                        FastJob(jobs[i].prompt, jobs[i].negative_prompt, jobs[i].seeds)
+                        for i in batch
+                    ],
+                    width=first.width,
+                    height=first.height,
+                    steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    on_step=on_step,
+                )
+                return {
+                    i: [] if rows is None else self._decode(rows)
+                    for i, rows in zip(batch, latents, strict=True)
+                }
+        except torch.OutOfMemoryError as exc:
+            _free_device_memory()
+            raise EngineOutOfMemory(
+                "The GPU ran out of memory for this batch; try a smaller size, fewer images "
+                "or a smaller COGVIEW_MAX_BATCH_SIZE."
+            ) from exc
+        except (RuntimeError, ValueError) as exc:
+            log.exception("engine failed on batch %s", [jobs[i].task_id for i in batch])
+            raise EngineError(f"The engine failed on this task: {type(exc).__name__}.") from exc
 
     def _generate_one(self, job: EngineJob, progress: ProgressFn) -> list[Image]:
         stopped = False
@@ -132,6 +215,28 @@ class CogView4Engine:
         vae = self.pipe.vae
         decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
         return list(self.pipe.image_processor.postprocess(decoded[0], output_type="pil"))
+
+
+def _batches(jobs: Sequence[EngineJob]) -> list[list[int]]:
+    """Indexes of jobs grouped by what one denoising loop shares, in first-seen order. The
+    worker only batches jobs of one key; this keeps any other caller correct."""
+    groups: dict[tuple[int, int, int, float], list[int]] = {}
+    for i, job in enumerate(jobs):
+        key = (job.width, job.height, job.steps, job.guidance_scale)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+@contextmanager
+def _out_of_memory_at_load(device: str) -> Iterator[None]:
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise EngineLoadError(
+            f"The model does not fit on {device}: CogView4-6B needs about "
+            f"{REAL_MODEL_GPU_GB} GB of GPU memory with everything resident, less with "
+            "COGVIEW_TEXT_ENCODER=cpu or offload."
+        ) from exc
 
 
 def _free_device_memory() -> None:

@@ -15,6 +15,7 @@ from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
+from cogview_api.webhooks.addresses import UnsafeTarget, check_url, parse_allow_list
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ def submit(
     *,
     key: ApiKey,
     request: GenerationRequest,
+    base_url: str | None = None,
 ) -> Task:
-    """Reserve the credits and enqueue the task in one transaction: all or nothing."""
+    """Reserve the credits and enqueue the task in one transaction: all or nothing.
+
+    `base_url`: where this client reaches the API, the base of the image URLs in the task's
+    webhook (rendered later, away from any request)."""
     return submit_idempotent(
-        db, settings, key=key, request=request, idempotency=None
+        db, settings, key=key, request=request, base_url=base_url, idempotency=None
     ).task
 
 
@@ -56,6 +61,7 @@ def submit_idempotent(
     *,
     key: ApiKey,
     request: GenerationRequest,
+    base_url: str | None = None,
     idempotency: IdempotencyKey | None,
 ) -> Submission:
     """`submit`, at most once per Idempotency-Key and 24 h when one is given.
@@ -68,6 +74,7 @@ def submit_idempotent(
     refuse_unstorable_text(
         prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
     )
+    refuse_unsafe_callback(request.callback_url, settings)
     for _ in range(_CLAIM_PASSES):
         try:
             with db.write() as conn:
@@ -81,7 +88,7 @@ def submit_idempotent(
                         idem_key=idempotency.value,
                         request_hash=idempotency.request_hash,
                     )
-                task = _insert(conn, settings, key=key, request=request)
+                task = _insert(conn, settings, key=key, request=request, base_url=base_url)
                 if idempotency is not None:
                     idempotency_store.attach(
                         conn, key_id=key.id, idem_key=idempotency.value, task_id=task.id
@@ -98,6 +105,7 @@ def _insert(
     *,
     key: ApiKey,
     request: GenerationRequest,
+    base_url: str | None = None,
 ) -> Task:
     return task_store.insert_task(
         conn,
@@ -108,6 +116,7 @@ def _insert(
         price=settings.price_for(request.quality) * request.n,
         max_attempts=settings.max_attempts,
         max_queue=settings.max_queue,
+        base_url=base_url,
     )
 
 
@@ -123,6 +132,17 @@ def _replay(
     if prior.task_id is None:  # only ever seen inside the claiming transaction
         raise CogviewError("An Idempotency-Key record has no task.")
     return task_store.get_task(conn, prior.task_id)
+
+
+def refuse_unsafe_callback(url: str | None, settings: Settings) -> None:
+    """InvalidRequest, before anything is written, for a callback_url whose host resolves to an
+    address webhooks may not reach (loopback, private, link-local...; see webhooks.addresses)."""
+    if url is None:
+        return
+    try:
+        check_url(url, parse_allow_list(settings.webhook_allow_hosts))
+    except UnsafeTarget as exc:
+        raise InvalidRequest(str(exc), param="callback_url") from exc
 
 
 def get_task(db: Database, *, key: ApiKey, task_id: str) -> Task:

@@ -37,6 +37,16 @@ def create_key(db: Database, *, name: str, credits: int) -> tuple[ApiKey, str]:
         return key_store.create_key(conn, name=name.strip(), credits=credits)
 
 
+def webhook_secret(db: Database, key_id: str) -> str:
+    with db.read() as conn:
+        return key_store.webhook_secret(conn, key_id)
+
+
+def rotate_webhook_secret(db: Database, key_id: str) -> str:
+    with db.write() as conn:
+        return key_store.rotate_webhook_secret(conn, key_id)
+
+
 def list_keys(db: Database) -> list[ApiKey]:
     with db.read() as conn:
         return key_store.list_keys(conn)

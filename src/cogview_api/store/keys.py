@@ -10,6 +10,7 @@ from sqlalchemy import Connection, func, insert, select, update
 from cogview_api.domain import ApiKey
 from cogview_api.errors import InsufficientCredits, InvalidRequest, NotFound
 from cogview_api.store.tables import api_keys, images, ledger, tasks, utcnow
+from cogview_api.webhooks.signing import new_secret
 
 KEY_PREFIX = "cv4_"
 
@@ -33,6 +34,7 @@ def create_key(conn: Connection, *, name: str, credits: int) -> tuple[ApiKey, st
             prefix=secret[:10],
             balance=0,
             created_at=now,
+            webhook_secret=new_secret(),
         )
     )
     if credits:
@@ -45,6 +47,24 @@ def get_key(conn: Connection, key_id: str) -> ApiKey:
     if row is None:
         raise NotFound(f"No key with id {key_id!r}.")
     return _key(row)
+
+
+def webhook_secret(conn: Connection, key_id: str) -> str:
+    """The key's webhook signing secret (`whsec_...`)."""
+    secret = conn.execute(
+        select(api_keys.c.webhook_secret).where(api_keys.c.id == key_id)
+    ).scalar_one_or_none()
+    if secret is None:
+        raise NotFound(f"No key with id {key_id!r}.")
+    return str(secret)
+
+
+def rotate_webhook_secret(conn: Connection, key_id: str) -> str:
+    """A new signing secret for the key; the old one stops signing at once. Returns the new one."""
+    get_key(conn, key_id)
+    secret = new_secret()
+    conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(webhook_secret=secret))
+    return secret
 
 
 def find_key_by_secret(conn: Connection, secret: str) -> ApiKey | None:

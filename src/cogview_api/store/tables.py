@@ -66,6 +66,9 @@ api_keys = Table(
     Column("balance", BigInteger, nullable=False, default=0),
     Column("created_at", UTCDateTime, nullable=False),
     Column("revoked_at", UTCDateTime, nullable=True),
+    # Signs this key's webhooks: the server must sign with it, so it is stored as given (like
+    # Stripe's and Svix's endpoint secrets), unlike the key itself, of which only a hash is kept.
+    Column("webhook_secret", String(64), nullable=False),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
 )
 
@@ -105,6 +108,9 @@ tasks = Table(
     Column("output_format", String(8), nullable=False),
     Column("user_id", String(128), nullable=True),
     Column("callback_url", Text, nullable=True),
+    # The base of image URLs as the submitter saw them, for webhook bodies rendered later,
+    # away from any request.
+    Column("base_url", Text, nullable=True),
     Column("step", Integer, nullable=False, default=0),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False),
@@ -152,6 +158,38 @@ idempotency_keys = Table(
     Column("task_id", String(64), ForeignKey("tasks.id"), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_idempotency_keys_created_at", "created_at"),
+)
+
+# One webhook delivery per task with a callback_url, written by the transaction that settles
+# the task; it is also the dispatchers' queue (state pending, due at next_attempt_at).
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the webhook-id header, same on every retry
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False, unique=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("event", String(32), nullable=False),  # task.completed | task.failed | task.cancelled
+    Column("body", Text, nullable=True),  # the signed payload, fixed at the first attempt
+    Column("state", String(16), nullable=False),  # pending | delivered | failed (gave up)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+)
+
+# Every delivery attempt: its answer (status code) or why there was none (error).
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(64), ForeignKey("webhook_deliveries.id"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("attempted_at", UTCDateTime, nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Index("ix_webhook_attempts_delivery_id", "delivery_id"),
 )
 
 # Workers announce themselves here; /readyz reads it from any API process.

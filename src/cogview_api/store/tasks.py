@@ -21,6 +21,7 @@ from cogview_api.domain import (
 from cogview_api.errors import NotFound, ServiceUnavailable
 from cogview_api.store.keys import add_credits
 from cogview_api.store.tables import images, tasks, utcnow
+from cogview_api.store.webhooks import deliveries_of, enqueue_delivery
 
 
 def insert_task(
@@ -33,6 +34,7 @@ def insert_task(
     price: int,
     max_attempts: int,
     max_queue: int,
+    base_url: str | None = None,
 ) -> Task:
     """Reserve `price` credits and enqueue the task, in the caller's one transaction.
 
@@ -66,6 +68,7 @@ def insert_task(
             output_format=request.output_format,
             user_id=request.user_id,
             callback_url=request.callback_url,
+            base_url=base_url,
             step=0,
             attempts=0,
             max_attempts=max_attempts,
@@ -86,6 +89,8 @@ def get_task(conn: Connection, task_id: str, *, key_id: str | None = None) -> Ta
     if row is None:
         raise NotFound(f"No task with id {task_id!r}.")
     task = _task(row._mapping, _images(conn, [task_id]).get(task_id, ()))
+    if task.callback_url is not None:
+        task = replace(task, webhook=deliveries_of(conn, [task_id]).get(task_id))
     if task.state is TaskState.QUEUED:
         ahead = conn.execute(
             select(func.count())
@@ -112,7 +117,8 @@ def list_tasks(
         query = query.where(tasks.c.state.in_([s.value for s in states]))
     rows = conn.execute(query.order_by(tasks.c.seq.desc()).limit(limit)).all()
     imgs = _images(conn, [r.id for r in rows])
-    return [_task(r._mapping, imgs.get(r.id, ())) for r in rows]
+    hooks = deliveries_of(conn, [r.id for r in rows if r.callback_url is not None])
+    return [replace(_task(r._mapping, imgs.get(r.id, ())), webhook=hooks.get(r.id)) for r in rows]
 
 
 def complete_task(
@@ -123,7 +129,8 @@ def complete_task(
     records: Sequence[ImageRecord],
     retention: timedelta,
 ) -> bool:
-    """Mark a running task done with its images. False if this worker no longer owns it."""
+    """Mark a running task done with its images, and queue its webhook if it asked for one.
+    False if this worker no longer owns it."""
     now = utcnow()
     expires = now + retention
     result = conn.execute(
@@ -157,6 +164,7 @@ def complete_task(
             for r in records
         ],
     )
+    enqueue_delivery(conn, task_id=task_id)
     return True
 
 
@@ -170,7 +178,9 @@ def fail_task(
     worker_id: str | None = None,
     state: TaskState = TaskState.FAILED,
 ) -> bool:
-    """Move a live task to FAILED (or CANCELLED) and refund it, in one transaction.
+    """Move a live task to FAILED (or CANCELLED), refund it and queue its webhook if it asked
+    for one, in one transaction. Every terminal transition but completion comes through here:
+    worker failures, cancel, and the lease reclaim's last attempt (store/queue.py).
 
     With `worker_id`, only if that worker still holds the task. False if nothing changed.
     """
@@ -198,6 +208,7 @@ def fail_task(
         add_credits(
             conn, key_id=row.key_id, amount=int(row.credits_charged), kind="refund", task_id=task_id
         )
+    enqueue_delivery(conn, task_id=task_id)
     return True
 
 
@@ -288,6 +299,7 @@ def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
         output_format=m["output_format"],
         user_id=m["user_id"],
         callback_url=m["callback_url"],
+        base_url=m["base_url"],
         step=m["step"],
         attempts=m["attempts"],
         credits_charged=int(m["credits_charged"]),

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from cogview_api.api import events
-from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
+from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, base_url
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.idempotency import REPLAYED_HEADER, idempotency_key
 from cogview_api.api.inputs import parse_json_object
@@ -68,6 +68,7 @@ async def create_generation(
             settings,
             key=key,
             request=body.to_domain(),
+            base_url=base_url(request),
             idempotency=idempotency,
         )
     )

@@ -1,0 +1,448 @@
+"""Our fast path for CogView 4: the stock pipeline's computation, batched and with its waste cut.
+
+Each change keeps the image of the stock `CogView4Pipeline` for the same seed (within fp
+reassociation, see docs/architecture.md), proven in tests/unit/test_engine_fidelity.py:
+
+- cond and uncond rows of every image go through ONE transformer forward. Texts of different
+  lengths are padded to a common length with zeros and those extra tokens are masked as keys by
+  `MaskedAttnProcessor` (the stock processor turns its mask into an additive 0/1 bias that does
+  not mask, diffusers #13621). The stock pipeline's own left-padding to a multiple of 16 is part
+  of its computation and stays attended.
+- several jobs of one (size, steps, guidance) run in one denoising loop; each image draws its
+  latents from its own CPU generator exactly as the stock pipeline draws them for that seed alone;
+  a job whose progress callback returns False leaves the batch at that step.
+- GLM runs without its last layer and final norm (the pipeline reads `hidden_states[-2]`); the
+  empty negative prompt is encoded once per process and kept on the device.
+- rotary embeddings are built once per latent shape, on the device.
+- on CUDA, the transformer blocks are compiled and warmed up per configured size at load.
+
+Optional and image-changing: first-block step caching (`COGVIEW_UNSAFE_STEP_CACHE`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
+from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift, retrieve_timesteps
+from torch import nn
+
+from cogview_api.engine.cogview4_stepcache import StepCache
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 1024  # the stock pipeline's default, as the pipeline is called today
+TEXT_BUCKET = 16  # the stock pipeline left-pads token ids to a multiple of this
+
+# Called with a row-group index and the step just finished; False drops that group.
+StepFn = Callable[[int, int], bool]
+
+
+class MaskedAttnProcessor:
+    """`CogView4AttnProcessor` with a text mask that masks.
+
+    `attention_mask` is a bool (rows, text_len) tensor, True where a text token is real, or
+    None. With None it is exactly the stock processor (the stock path shares these modules). With
+    a mask, padded text tokens are removed as keys of every query (text and image) by a boolean
+    SDPA mask; their own outputs are computed but thrown away by the caller.
+    """
+
+    def __init__(self) -> None:
+        self._stock = CogView4AttnProcessor()
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is None:
+            stock: tuple[torch.Tensor, torch.Tensor] = self._stock(
+                attn, hidden_states, encoder_hidden_states, None, image_rotary_emb
+            )
+            return stock
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        dtype = encoder_hidden_states.dtype
+        text_len = encoder_hidden_states.shape[1]
+        image_len = hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query = attn.to_q(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        key = attn.to_k(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        value = attn.to_v(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query).to(dtype=dtype)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key).to(dtype=dtype)
+        if image_rotary_emb is not None:
+            rope: Any = image_rotary_emb  # diffusers annotates the (cos, sin) pair as 1-tuple
+            query[:, :, text_len:, :] = apply_rotary_emb(
+                query[:, :, text_len:, :], rope, use_real_unbind_dim=-2
+            )
+            key[:, :, text_len:, :] = apply_rotary_emb(
+                key[:, :, text_len:, :], rope, use_real_unbind_dim=-2
+            )
+        image_keys = attention_mask.new_ones((attention_mask.shape[0], image_len))
+        keys = torch.cat([attention_mask, image_keys], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keys)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[1](attn.to_out[0](out))
+        text_out, image_out = out.split([text_len, image_len], dim=1)
+        return image_out, text_out
+
+
+def truncated_text_encoder(text_encoder: nn.Module) -> nn.Module:
+    """A view of GLM that stops after layer N-1, sharing its weights.
+
+    Its `last_hidden_state` is the stock pipeline's `hidden_states[-2]`: the raw output of
+    the second-to-last layer; the last layer and the final norm are never run.
+    """
+    view = copy.copy(text_encoder)
+    view._modules = dict(text_encoder._modules)
+    view._modules["layers"] = nn.ModuleList(list(text_encoder.layers)[:-1])  # type: ignore[arg-type]
+    view._modules["norm"] = nn.Identity()
+    return view
+
+
+@dataclass
+class _Rows:
+    """The images of one denoising loop; `group[i]` is the job of image i. With guidance the
+    transformer sees 2 * images rows: cond for every image, then uncond for every image; without
+    (guidance <= 1, as in the stock pipeline) only the cond rows."""
+
+    latents: torch.Tensor  # (images, C, h, w), float32 as in the stock loop
+    cond: torch.Tensor  # (images, L, D), zero-padded to a common L
+    uncond: torch.Tensor
+    cond_mask: torch.Tensor  # (images, L) bool, False on the padding we added
+    uncond_mask: torch.Tensor
+    group: list[int]
+    cfg: bool
+
+    def transformer_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (in their float32), texts and text masks of the transformer rows."""
+        if not self.cfg:
+            return self.latents, self.cond, self.cond_mask
+        return (
+            torch.cat([self.latents, self.latents]),
+            torch.cat([self.cond, self.uncond]),
+            torch.cat([self.cond_mask, self.uncond_mask]),
+        )
+
+    def keep(self, images: list[int]) -> torch.Tensor:
+        """Keep only these images; returns the transformer rows they had."""
+        count = len(self.group)
+        index = torch.tensor(images, dtype=torch.long, device=self.latents.device)
+        self.latents, self.cond, self.uncond = (
+            self.latents[index],
+            self.cond[index],
+            self.uncond[index],
+        )
+        self.cond_mask, self.uncond_mask = self.cond_mask[index], self.uncond_mask[index]
+        self.group = [self.group[i] for i in images]
+        return torch.cat([index, index + count]) if self.cfg else index
+
+
+@dataclass(frozen=True)
+class FastJob:
+    """What the fast loop needs of one job."""
+
+    prompt: str
+    negative_prompt: str
+    seeds: tuple[int, ...]
+
+
+class FastCogView4:
+    """Runs batches of jobs of one (size, steps, guidance) on a loaded `CogView4Pipeline`,
+    sharing its weights (the stock pipeline stays usable on the same modules)."""
+
+    def __init__(
+        self,
+        pipe: CogView4Pipeline,
+        *,
+        device: str,
+        text_encoder_mode: str = "gpu",
+        compile_blocks: bool = False,
+        step_cache_threshold: float | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        # Without a GPU there is nothing to move: the text encoder lives where everything does.
+        self.text_encoder_mode = text_encoder_mode if self.on_cuda else "gpu"
+        self.step_cache_threshold = step_cache_threshold
+        self.dtype = pipe.transformer.dtype
+        self.text_encoder = truncated_text_encoder(pipe.text_encoder)
+        self._text_device = torch.device("cpu") if self.text_encoder_mode != "gpu" else self.device
+        self._empty_negative: torch.Tensor | None = None
+        self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for block in pipe.transformer.transformer_blocks:
+            block.attn1.set_processor(MaskedAttnProcessor())
+        self.blocks: list[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = list(
+            pipe.transformer.transformer_blocks
+        )
+        self.compiled = compile_blocks
+        if compile_blocks:
+            # Compiled wrappers share the modules; the stock path keeps calling them eagerly.
+            self.blocks = [torch.compile(block) for block in self.blocks]
+        self.last_step_cache: StepCache | None = None
+
+    # -- text --------------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Embeddings of each distinct prompt, as the stock pipeline computes them for that
+        prompt alone: (1, L, D) with L its token count left-padded to a multiple of 16."""
+        wanted = [p for p in dict.fromkeys(prompts) if p != "" or self._empty_negative is None]
+        out: dict[str, torch.Tensor] = {}
+        if wanted:
+            with self._text_encoder_on_device():
+                out = {p: self._encode_one(p) for p in wanted}
+        if "" in out:
+            self._empty_negative = out[""]
+        if "" in prompts and self._empty_negative is not None:
+            out[""] = self._empty_negative
+        return out
+
+    def _encode_one(self, prompt: str) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(
+            [prompt],
+            padding="longest",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        pad = (TEXT_BUCKET - ids.shape[1] % TEXT_BUCKET) % TEXT_BUCKET
+        if pad:
+            ids = torch.cat([ids.new_full((1, pad), tok.pad_token_id), ids], dim=1)
+        hidden = self.text_encoder(ids.to(self._encoder_device())).last_hidden_state
+        return hidden.to(dtype=self.pipe.text_encoder.dtype, device=self.device)  # type: ignore[no-any-return]
+
+    def _encoder_device(self) -> torch.device:
+        return self.device if self.text_encoder_mode == "offload" else self._text_device
+
+    @contextmanager
+    def _text_encoder_on_device(self) -> Iterator[None]:
+        """In offload mode, the text encoder visits the GPU only while it encodes."""
+        if self.text_encoder_mode != "offload":
+            yield
+            return
+        self.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    # -- denoising ----------------------------------------------------------------------------
+
+    def rope(self, latent_h: int, latent_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's rotary embedding for this latent shape, built once, on the device."""
+        key = (latent_h, latent_w)
+        if key not in self._rope:
+            probe = torch.empty(1, 1, latent_h, latent_w)
+            cos, sin = self.pipe.transformer.rope(probe)
+            self._rope[key] = (cos.to(self.device), sin.to(self.device))
+        return self._rope[key]
+
+    def denoise(
+        self,
+        jobs: Sequence[FastJob],
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        on_step: StepFn,
+    ) -> list[torch.Tensor | None]:
+        """Final latents of each job, or None for a job that `on_step` stopped."""
+        rows = self._prepare(jobs, width, height, cfg=guidance_scale > 1)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        timesteps = self._timesteps(scheduler, width, height, steps)
+        cache = (
+            StepCache(self.step_cache_threshold) if self.step_cache_threshold is not None else None
+        )
+        self.last_step_cache = cache
+        conditions = self._size_conditions(width, height)
+        rope = self.rope(rows.latents.shape[2], rows.latents.shape[3])
+        stopped: set[int] = set()
+        for i, t in enumerate(timesteps):
+            if not rows.group:
+                break
+            latent_in, text, mask = rows.transformer_inputs()
+            count = latent_in.shape[0]
+            pred = self._forward(
+                latent_in.to(self.dtype),
+                text,
+                t.expand(count),
+                [c.expand(count, 2) for c in conditions],
+                rope,
+                None if bool(mask.all()) else mask,
+                cache,
+            )
+            if rows.cfg:
+                pred_cond, pred_uncond = pred.chunk(2)
+                noise = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            else:
+                noise = pred
+            rows.latents = scheduler.step(noise, t, rows.latents, return_dict=False)[0]
+            newly = {g for g in dict.fromkeys(rows.group) if not on_step(g, i + 1)}
+            if newly:
+                stopped |= newly
+                kept = [k for k, g in enumerate(rows.group) if g not in newly]
+                transformer_rows = rows.keep(kept)
+                if cache is not None:
+                    cache.keep_rows(transformer_rows)
+        results: list[torch.Tensor | None] = []
+        for g in range(len(jobs)):
+            mine = [k for k, group in enumerate(rows.group) if group == g]
+            results.append(None if g in stopped or not mine else rows.latents[mine])
+        return results
+
+    def _prepare(self, jobs: Sequence[FastJob], width: int, height: int, *, cfg: bool) -> _Rows:
+        negatives = [j.negative_prompt if cfg else j.prompt for j in jobs]
+        embeds = self.encode([j.prompt for j in jobs] + negatives)
+        length = max(e.shape[1] for e in embeds.values())
+        cond: list[torch.Tensor] = []
+        uncond: list[torch.Tensor] = []
+        cond_mask: list[torch.Tensor] = []
+        uncond_mask: list[torch.Tensor] = []
+        latents: list[torch.Tensor] = []
+        group: list[int] = []
+        channels = self.pipe.transformer.config.in_channels
+        scale = self.pipe.vae_scale_factor
+        for g, job in enumerate(jobs):
+            for seed in job.seeds:
+                for text, out, mask in (
+                    (job.prompt, cond, cond_mask),
+                    (negatives[g], uncond, uncond_mask),
+                ):
+                    padded, real = _left_pad(embeds[text], length)
+                    out.append(padded)
+                    mask.append(real)
+                # As `randn_tensor` draws row i of a stock batch from generator i on the CPU.
+                generator = torch.Generator("cpu").manual_seed(seed)
+                shape = (1, channels, height // scale, width // scale)
+                latents.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+                group.append(g)
+        return _Rows(
+            latents=torch.cat(latents).to(self.device),
+            cond=torch.cat(cond),
+            uncond=torch.cat(uncond),
+            cond_mask=torch.cat(cond_mask),
+            uncond_mask=torch.cat(uncond_mask),
+            group=group,
+            cfg=cfg,
+        )
+
+    def _timesteps(
+        self, scheduler: FlowMatchEulerDiscreteScheduler, width: int, height: int, steps: int
+    ) -> torch.Tensor:
+        """The stock pipeline's schedule: linspace timesteps, CogView4's sqrt-law shift mu."""
+        import numpy as np
+
+        config = scheduler.config
+        scale = self.pipe.vae_scale_factor
+        seq_len = (height // scale) * (width // scale) // self.pipe.transformer.config.patch_size**2
+        timesteps = np.linspace(config.num_train_timesteps, 1.0, steps)
+        timesteps = timesteps.astype(np.int64).astype(np.float32)
+        sigmas = timesteps / config.num_train_timesteps
+        mu = calculate_shift(
+            seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("base_shift", 0.25),
+            config.get("max_shift", 0.75),
+        )
+        out, _ = retrieve_timesteps(
+            scheduler,
+            steps,
+            self.device,
+            timesteps,  # type: ignore[arg-type]
+            sigmas,
+            mu=mu,
+        )
+        return out  # type: ignore[no-any-return]
+
+    def _size_conditions(self, width: int, height: int) -> list[torch.Tensor]:
+        """original_size, target_size, crop_coords as the stock pipeline passes them."""
+        dtype = self.pipe.text_encoder.dtype
+        return [
+            torch.tensor([value], dtype=dtype, device=self.device)
+            for value in ((height, width), (height, width), (0, 0))
+        ]
+
+    def _forward(
+        self,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        timestep: torch.Tensor,
+        size_cond: list[torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: StepCache | None,
+    ) -> torch.Tensor:
+        """`CogView4Transformer2DModel.forward` with our RoPE, mask, blocks and step cache."""
+        tr = self.pipe.transformer
+        batch, _, height, width = latents.shape
+        p = tr.config.patch_size
+        image, text = tr.patch_embed(latents, text)
+        temb = F.silu(tr.time_condition_embed(timestep, *size_cond, image.dtype))
+        if cache is None:
+            for block in self.blocks:
+                image, text = block(image, text, temb, rope, mask)
+        else:
+            image, text = cache.run(self.blocks, image, text, temb, rope, mask)
+        image = tr.proj_out(tr.norm_out(image, temb))
+        image = image.reshape(batch, height // p, width // p, -1, p, p)
+        out: torch.Tensor = image.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+        return out
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> None:
+        """Run each (width, height) once alone and once as a padded batch of two texts, so the
+        compiled blocks have their graphs (static, then dynamic in batch and text length)
+        before the first task."""
+        long_prompt = "warm up " * 12
+        for width, height in sizes:
+            for jobs in (
+                [FastJob("warm up", "", (0,))],
+                [FastJob("warm up", "", (0,)), FastJob(long_prompt, "", (1,))],
+            ):
+                self.denoise(
+                    jobs,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    guidance_scale=2.0,
+                    on_step=lambda g, s: True,
+                )
+
+    def place(self) -> None:
+        """Move the components where the text-encoder mode wants them."""
+        self.pipe.to(self.device)
+        if self.text_encoder_mode != "gpu":
+            self.pipe.text_encoder.to("cpu")
+            if self.on_cuda:
+                torch.cuda.empty_cache()
+
+
+def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, L, D) -> (1, length, D) with zeros in front, and the mask of real positions."""
+    missing = length - embeds.shape[1]
+    mask = torch.ones((1, length), dtype=torch.bool, device=embeds.device)
+    if not missing:
+        return embeds, mask
+    mask[:, :missing] = False
+    pad = embeds.new_zeros((1, missing, embeds.shape[2]))
+    return torch.cat([pad, embeds], dim=1), mask

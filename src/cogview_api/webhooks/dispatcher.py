@@ -1,0 +1,178 @@
+"""The dispatcher: claims due webhook deliveries, POSTs them, records every attempt.
+
+One runs as a thread in each `cogview-api serve` and `cogview-api worker` process; the claim in
+the database (store/webhooks.py) keeps any number of them from sending one attempt twice. Each
+attempt re-checks the target's addresses (DNS may have changed since the submit) and connects to
+the very address it checked; a refused target is a failed attempt like a refused connection.
+Redirects are not followed, and proxies from the environment are not used: either would send
+the request somewhere that was never checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import httpx
+
+from cogview_api import __version__
+from cogview_api.api.present import ImageLinks, task_public
+from cogview_api.config import Settings
+from cogview_api.domain import Task
+from cogview_api.errors import CogviewError
+from cogview_api.store import tasks as task_store
+from cogview_api.store import webhooks as delivery_store
+from cogview_api.store.db import Database
+from cogview_api.webhooks import signing
+from cogview_api.webhooks.addresses import (
+    Resolver,
+    Target,
+    UnsafeTarget,
+    check_url,
+    parse_allow_list,
+)
+
+log = logging.getLogger(__name__)
+
+# Attempts in flight per process; each claim's lease covers one attempt's timeout and margin.
+CONCURRENCY = 4
+LEASE_MARGIN_S = 30.0
+MAX_ERROR_CHARS = 300
+
+
+def render_body(task: Task, links: ImageLinks) -> str:
+    """The payload: the task object as GET /api/v1/tasks/{id} shows it, minus its `webhook`
+    field, which changes with every attempt while the signed payload must not."""
+    return task_public(task, links).model_dump_json(exclude={"webhook"})
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        resolve: Resolver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.resolve = resolve
+        self.allow = parse_allow_list(settings.webhook_allow_hosts)
+        self.stop = threading.Event()
+        self._client = httpx.Client(
+            timeout=settings.webhook_timeout_seconds,
+            follow_redirects=False,
+            trust_env=False,
+            headers={"user-agent": f"cogview-api-webhooks/{__version__}"},
+        )
+        self._pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="webhook")
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="webhook-dispatcher", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        """Deliver until `shutdown`. Never raises: a database outage only delays deliveries."""
+        try:
+            while not self.stop.is_set():
+                try:
+                    busy = self.run_once() > 0
+                except CogviewError as exc:
+                    log.warning("webhook dispatcher: %s", exc.message)
+                    busy = False
+                except Exception:  # a bug: keep delivering the others
+                    log.exception("webhook dispatcher: unexpected error")
+                    busy = False
+                if not busy:
+                    self.stop.wait(self.settings.webhook_poll_seconds)
+        finally:
+            self._pool.shutdown(wait=True)
+            self._client.close()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+
+    def run_once(self) -> int:
+        """Claim what is due (up to CONCURRENCY), attempt each, record them; how many."""
+        claimed = self._claim()
+        for delivery, (status, error) in zip(
+            claimed, self._pool.map(self._attempt, claimed), strict=True
+        ):
+            with self.db.write() as conn:
+                state = delivery_store.record_attempt(
+                    conn,
+                    delivery=delivery,
+                    status_code=status,
+                    error=error,
+                    retry_delays=self.settings.webhook_retry_delays,
+                )
+            log.info(
+                "webhook %s (task %s) attempt %d: %s -> %s",
+                delivery.id,
+                delivery.task_id,
+                delivery.number,
+                status if status is not None else error,
+                state,
+            )
+        return len(claimed)
+
+    def _claim(self) -> list[delivery_store.DueDelivery]:
+        with self.db.read() as conn:
+            if not delivery_store.any_due(conn):
+                return []
+        with self.db.write() as conn:
+            claimed = delivery_store.claim_due(
+                conn,
+                limit=CONCURRENCY,
+                lease_seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN_S,
+            )
+            out = []
+            for delivery in claimed:
+                if delivery.body is None:  # first attempt: fix the payload for all of them
+                    task = task_store.get_task(conn, delivery.task_id)
+                    body = render_body(task, self._links(task))
+                    delivery_store.fix_body(conn, delivery_id=delivery.id, body=body)
+                    delivery = replace(delivery, body=body)
+                out.append(delivery)
+            return out
+
+    def _links(self, task: Task) -> ImageLinks:
+        """This API's own image URLs, also with COGVIEW_IMAGE_URLS=presigned: a payload is
+        fixed at the first attempt and may be retried for hours, and these URLs work for the
+        whole retention."""
+        base = task.base_url or self.settings.public_url
+        if not base:  # a task submitted before base_url was recorded
+            base = f"http://{self.settings.host}:{self.settings.port}"
+        return ImageLinks(base=base.rstrip("/"))
+
+    def _attempt(self, delivery: delivery_store.DueDelivery) -> tuple[int | None, str | None]:
+        """(status code, None) when the receiver answered, else (None, why not)."""
+        try:
+            target = check_url(delivery.url, self.allow, self.resolve)
+        except UnsafeTarget as exc:
+            return None, f"refused: {exc}"[:MAX_ERROR_CHARS]
+        body = (delivery.body or "").encode()
+        headers = signing.headers(delivery.secret, delivery.id, int(time.time()), body)
+        try:
+            return self._post(target, body, headers), None
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+    def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> int:
+        """POST to the checked address itself, naming the host in Host and TLS SNI; the
+        answer's body is not read."""
+        address = target.addresses[0]
+        userinfo, _, hostport = target.url.netloc.rpartition("@")
+        netloc = f"[{address}]" if ":" in address else address
+        url = target.url._replace(
+            netloc=f"{userinfo + '@' if userinfo else ''}{netloc}:{target.port}"
+        ).geturl()
+        extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
+        with self._client.stream(
+            "POST", url, content=body, headers={**headers, "host": hostport}, extensions=extensions
+        ) as response:
+            return response.status_code

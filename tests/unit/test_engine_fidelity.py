@@ -1,0 +1,252 @@
+"""The fast engine gives the stock diffusers pipeline's images, alone or batched, with the tiny
+random-weight CogView4 on the CPU in fp32.
+
+Tolerances, from measurements with margin (docs/architecture.md "The fast path"): batching cond
+with uncond, and jobs with each other, changes the shapes of the GEMMs and of the masked SDPA,
+so fp32 sums are reassociated. Measured on this model at the seven preset sizes, one step:
+latents differ by at most 2.9e-6 and decoded pixels in [0, 1] by at most 4.7e-6, so
+LATENT_TOL = 1e-5 and PIXEL_TOL = 2e-5 (3-4x margin, still 200x under one 8-bit level, 3.9e-3).
+A pixel value that lies on a rounding boundary can still flip by one level in the 8-bit PNG, so
+the PIL images may differ by 1/255 and no more. Text embeddings are bit-identical: the dropped
+GLM layer runs after the one the pipeline reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cogview_api.config import Settings
+from cogview_api.domain import PRESET_SIZES
+from cogview_api.engine import EngineJob
+from cogview_api.engine.cogview4 import CogView4Engine
+from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
+from tests.conftest import make_settings
+
+LATENT_TOL = 1e-5
+PIXEL_TOL = 2e-5
+LONG = "a red bicycle leaning against a blue wall in a narrow street of an old town at sunset"
+PROMPTS = [  # four token lengths: 16, 32 and 48-token buckets, and one shorter than 16
+    "a cat",
+    "a photo of a cat sitting on a windowsill at sunset, warm light, 35mm film",
+    LONG + ", watercolor illustration of a lighthouse on a cliff during a storm at night",
+    "portrait of an astronaut, studio lighting",
+]
+SMALL = 512
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("fidelity"), tiny_cache)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> CogView4Engine:
+    return CogView4Engine.load(settings)
+
+
+@pytest.fixture(scope="module")
+def fast(engine: CogView4Engine) -> FastCogView4:
+    assert engine.fast is not None, "COGVIEW_ENGINE defaults to fast"
+    return engine.fast
+
+
+def stock_latents(
+    engine: CogView4Engine,
+    prompt: str,
+    width: int,
+    height: int,
+    seed: int,
+    steps: int,
+    guidance_scale: float = 3.5,
+) -> torch.Tensor:
+    with torch.inference_mode():
+        out = engine.pipe(
+            prompt=prompt,
+            negative_prompt="",
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(seed)],
+            output_type="latent",
+        )
+    return out.images  # type: ignore[no-any-return]
+
+
+def fast_latents(
+    fast: FastCogView4,
+    jobs: list[FastJob],
+    width: int = SMALL,
+    height: int = SMALL,
+    steps: int = STEPS,
+    on_step: Callable[[int, int], bool] = lambda g, s: True,
+    guidance_scale: float = 3.5,
+) -> list[torch.Tensor | None]:
+    with torch.inference_mode():
+        return fast.denoise(
+            jobs,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            on_step=on_step,
+        )
+
+
+def pixels(engine: CogView4Engine, latents: torch.Tensor) -> np.ndarray:
+    """The decoded image in [0, 1], as the pipeline's postprocess makes it before 8-bit PIL."""
+    with torch.inference_mode():
+        decoded = engine.pipe.vae.decode(latents, return_dict=False)[0]
+        return engine.pipe.image_processor.postprocess(decoded, output_type="np")  # type: ignore[no-any-return]
+
+
+def max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def test_prompt_embeddings_without_the_last_glm_layer_are_the_stock_hidden_states(
+    engine: CogView4Engine, fast: FastCogView4
+) -> None:
+    """`hidden_states[-2]` of the whole GLM == the output of GLM cut after layer N-1."""
+    assert len(fast.text_encoder.layers) == len(engine.pipe.text_encoder.layers) - 1
+    for prompt in ["", *PROMPTS]:
+        with torch.inference_mode():
+            ours = fast.encode([prompt])[prompt]
+            stock = engine.pipe._get_glm_embeds(prompt)
+        assert ours.shape == stock.shape and ours.shape[1] % 16 == 0
+        assert torch.equal(ours, stock), prompt
+
+
+def test_the_empty_negative_prompt_is_encoded_once(fast: FastCogView4) -> None:
+    with torch.inference_mode():
+        first = fast.encode([""])[""]
+        again = fast.encode(["", "a cat"])[""]
+    assert again is first  # the cached tensor, not a new encoding
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), PRESET_SIZES, ids=[f"{w}x{h}" for w, h in PRESET_SIZES]
+)
+def test_fast_path_gives_the_stock_image_at_every_preset_size(
+    engine: CogView4Engine, fast: FastCogView4, width: int, height: int
+) -> None:
+    """One step, a 32-token prompt against the 16-token empty negative prompt: cond and uncond
+    go through one forward with the uncond text padded and masked."""
+    seed = width * 7 + height
+    stock = stock_latents(engine, LONG, width, height, seed, steps=1)
+    [ours] = fast_latents(fast, [FastJob(LONG, "", (seed,))], width, height, steps=1)
+    assert ours is not None and ours.shape == stock.shape
+    latent_diff = max_diff(ours, stock)
+    pixel_diff = max_diff(pixels(engine, ours), pixels(engine, stock))
+    print(f"{width}x{height}: latents {latent_diff:.2e}, pixels {pixel_diff:.2e}")
+    assert latent_diff <= LATENT_TOL
+    assert pixel_diff <= PIXEL_TOL
+
+
+def test_a_job_gives_the_same_image_alone_and_in_a_batch_of_four(fast: FastCogView4) -> None:
+    """Prompts of four token lengths, one job with two images: every image as when alone."""
+    jobs = [FastJob(p, "", (11 + i,)) for i, p in enumerate(PROMPTS)]
+    jobs[1] = FastJob(PROMPTS[1], "blurry", (12, 99))
+    batched = fast_latents(fast, jobs)
+    for job, together in zip(jobs, batched, strict=True):
+        [alone] = fast_latents(fast, [job])
+        assert together is not None and alone is not None
+        assert together.shape[0] == len(job.seeds)
+        assert max_diff(together, alone) <= LATENT_TOL, job.prompt
+
+
+@pytest.mark.parametrize("guidance", [3.5, 1.0], ids=["guided", "unguided"])
+def test_fast_path_gives_the_stock_latents_over_several_steps(
+    engine: CogView4Engine, fast: FastCogView4, guidance: float
+) -> None:
+    """Guidance 1 runs no uncond rows, as the stock pipeline."""
+    stock = stock_latents(engine, PROMPTS[0], SMALL, SMALL, 5, STEPS, guidance)
+    [ours] = fast_latents(fast, [FastJob(PROMPTS[0], "", (5,))], guidance_scale=guidance)
+    assert ours is not None and max_diff(ours, stock) <= LATENT_TOL
+
+
+def test_cancelling_one_job_of_four_leaves_the_others_images_unchanged(
+    engine: CogView4Engine,
+) -> None:
+    """Job 2 says stop at step 2 of 3: it returns [] and is asked nothing more; the others'
+    8-bit images equal their solo images (up to one level, see the module docstring)."""
+    jobs = [
+        EngineJob(f"t{i}", p, "", SMALL, SMALL, STEPS, 3.5, (21 + i,))
+        for i, p in enumerate(PROMPTS)
+    ]
+    asked: list[tuple[str, str, int]] = []
+
+    def progress(task_id: str, stage: str, step: int) -> bool:
+        asked.append((task_id, stage, step))
+        return not (task_id == "t2" and step == 2)
+
+    batched = engine.generate(jobs, progress)
+    assert batched[2] == []
+    assert [s for t, _, s in asked if t == "t2"] == [1, 2]
+    assert [(st, s) for t, st, s in asked if t == "t0"] == [
+        ("denoising", 1),
+        ("denoising", 2),
+        ("decoding", 3),
+    ]
+    for i in (0, 1, 3):
+        [alone] = engine.generate([jobs[i]], lambda *a: True)[0]
+        [together] = batched[i]
+        assert together.size == (SMALL, SMALL)
+        assert max_diff(np.asarray(together), np.asarray(alone)) <= 1
+
+
+def test_text_encoder_modes_give_the_same_image(engine: CogView4Engine, settings: Settings) -> None:
+    """cpu and offload move the text encoder only on CUDA; elsewhere they must still work."""
+    job = FastJob(PROMPTS[3], "", (3,))
+    [reference] = fast_latents(engine.fast, [job])  # type: ignore[arg-type]
+    for mode in ("cpu", "offload"):
+        other = CogView4Engine.from_pipe(
+            engine.pipe, settings.model_copy(update={"text_encoder": mode})
+        )
+        assert other.fast is not None
+        [latents] = fast_latents(other.fast, [job])
+        assert latents is not None and reference is not None
+        assert max_diff(latents, reference) <= LATENT_TOL
+
+
+def test_stock_engine_is_still_available(engine: CogView4Engine, settings: Settings) -> None:
+    stock = CogView4Engine.from_pipe(engine.pipe, settings.model_copy(update={"engine": "stock"}))
+    assert stock.fast is None
+    [[image]] = stock.generate(
+        [EngineJob("s", PROMPTS[0], "", SMALL, SMALL, 2, 3.5, (1,))], lambda *a: True
+    )
+    assert image.size == (SMALL, SMALL)
+
+
+def test_first_block_step_cache_runs_and_changes_the_image_a_little(
+    engine: CogView4Engine, settings: Settings
+) -> None:
+    """Image-changing mode: measured, not held to the exact tolerance. Threshold 0.2 over 8
+    steps; the difference is printed (docs/architecture.md quotes it)."""
+    cached = CogView4Engine.from_pipe(
+        engine.pipe,
+        settings.model_copy(
+            update={"unsafe_step_cache": "first-block", "step_cache_threshold": 0.2}
+        ),
+    )
+    assert cached.fast is not None and engine.fast is not None
+    jobs = [FastJob(PROMPTS[1], "", (8,)), FastJob(PROMPTS[2], "", (9,))]
+    exact = fast_latents(engine.fast, jobs, steps=8)
+    approx = fast_latents(cached.fast, jobs, steps=8)
+    cache = cached.fast.last_step_cache
+    assert cache is not None and cache.computed + cache.skipped == 8 * 4
+    diffs = []
+    for e, a in zip(exact, approx, strict=True):
+        assert e is not None and a is not None and a.shape == e.shape
+        assert torch.isfinite(a).all()
+        diffs.append(max_diff(pixels(engine, a), pixels(engine, e)))
+    print(
+        f"step cache: skipped {cache.skipped}/{8 * 4} rows-steps, max pixel diff {max(diffs):.3f}"
+    )
+    assert 0 < cache.skipped < 8 * 4  # it did skip, and it did not skip everything
