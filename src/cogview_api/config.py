@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cogview_api.webhooks.addresses import parse_allow_list, parse_retry_schedule
+
 DEFAULT_MODEL = "THUDM/CogView4-6B"
 TINY_MODEL = "tiny"
 
@@ -93,6 +95,31 @@ class Settings(BaseSettings):
     # s3_public_endpoint_url when clients reach the store at another address than the API does.
     image_urls: Literal["proxy", "presigned"] = "proxy"
     s3_public_endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+")
+
+    # Webhooks (`callback_url`). Hosts or CIDRs a callback may reach although they are
+    # loopback, private or link-local, comma-separated: "127.0.0.1,10.0.0.0/8,hooks.internal".
+    webhook_allow_hosts: str = ""
+    # Seconds before each retry of a failed delivery, comma-separated; after the last one it
+    # gives up. The default retries for 3.7 hours (8 attempts).
+    webhook_retry_schedule: str = "5,30,120,600,1800,3600,7200"
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0.0, le=60.0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _allow_hosts(cls, value: str) -> str:
+        parse_allow_list(value)  # a malformed entry stops the start, not the first webhook
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        parse_retry_schedule(value)
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return parse_retry_schedule(self.webhook_retry_schedule)
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
