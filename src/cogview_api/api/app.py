@@ -9,6 +9,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cogview_api import __version__
 from cogview_api.api.errors import RequestGuard, install_error_handlers
+from cogview_api.api.openapi import install_docs
 from cogview_api.api.present import presigner
 from cogview_api.api.routes import health, images, native, openai_compat, page, zhipu_compat
 from cogview_api.api.routes.page import STATIC
@@ -52,6 +53,7 @@ def create_app(
     app.include_router(images.router)
     app.include_router(health.router)
     app.include_router(page.router)
+    install_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -194,12 +194,16 @@ class AccountPublic(BaseModel):
     credits_spent: int
 
 
-class Envelope(BaseModel):
-    """Every success: `{"code": 200, "message": "success", "data": ...}`."""
+DataT = TypeVar("DataT")
+
+
+class Envelope(BaseModel, Generic[DataT]):
+    """Every success: `{"code": 200, "message": "success", "data": ...}`. `Envelope[TaskPublic]`
+    says what `data` holds, for /openapi.json and for checking the answers against it."""
 
     code: int = 200
     message: str = "success"
-    data: Any
+    data: DataT
 
 
 class ErrorBody(BaseModel):

@@ -7,20 +7,35 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from cogview_api.api import examples
 from cogview_api.api.deps import DbDep, SettingsDep
 from cogview_api.api.errors import error_response
+from cogview_api.api.openapi import error_responses, json_200
 from cogview_api.errors import ServiceUnavailable
 from cogview_api.store import queue
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get(
+    "/healthz",
+    responses={200: json_200(examples.HEALTHZ_ANSWER), **error_responses("native", 500)},
+    summary="The process is alive",
+)
 def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Database reachable and a worker has the model loaded")
+@router.get(
+    "/readyz",
+    responses={
+        200: json_200(examples.READYZ_ANSWER),
+        **error_responses(
+            "native", 500, 503, messages={503: "No worker has the model loaded yet."}
+        ),
+    },
+    summary="Database reachable and a worker has the model loaded",
+)
 def readyz(db: DbDep, settings: SettingsDep) -> Any:
     if not db.ping():
         return error_response(

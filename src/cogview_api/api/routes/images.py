@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from cogview_api.api.deps import DbDep, StorageDep
+from cogview_api.api.openapi import error_responses
 from cogview_api.errors import NotFound
 from cogview_api.store import tasks as task_store
 from cogview_api.store.tables import utcnow
@@ -18,7 +19,18 @@ router = APIRouter(tags=["images"])
     "/images/{name}",
     summary="An image of a completed task",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={
+        200: {
+            "description": "The image bytes, in the format its task asked for.",
+            "content": {
+                f"image/{fmt}": {"schema": {"type": "string", "format": "binary"}}
+                for fmt in ("png", "jpeg", "webp")
+            },
+        },
+        **error_responses(
+            "native", 404, 500, 503, messages={404: "No such image (it may have expired)."}
+        ),
+    },
 )
 def get_image(name: str, db: DbDep, storage: StorageDep) -> Response:
     token, _, ext = name.rpartition(".")

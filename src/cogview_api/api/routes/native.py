@@ -9,18 +9,20 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from cogview_api.api import events
+from cogview_api.api import events, examples
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, base_url
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.idempotency import REPLAYED_HEADER, idempotency_key
 from cogview_api.api.inputs import parse_json_object
+from cogview_api.api.openapi import error_responses, example_media, json_200
 from cogview_api.api.present import task_created, task_public
 from cogview_api.api.schemas import (
     AccountPublic,
     Envelope,
-    ErrorBody,
     GenerationCreate,
+    TaskCreated,
     TaskList,
+    TaskPublic,
 )
 from cogview_api.api.waiting import wait_until_terminal
 from cogview_api.services import generation
@@ -31,20 +33,73 @@ router = APIRouter(prefix="/api/v1", tags=["native"])
 
 MAX_WAIT_S = 60
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 402, 403, 404, 409, 413, 429, 500, 503)
+SUBMIT_HEADERS = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Makes retries safe: the same key and body within 24 h answer with the "
+        "same task, charged once (`Idempotent-Replayed: true`); another body is 409.",
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 255,
+            "pattern": "^[!-~]([ -~]*[!-~])?$",
+        },
+    },
+    {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": "`wait=N` (N <= 60): hold the request until the task is finished, at "
+        "most N seconds, and answer with the full task object if it did.",
+        "schema": {"type": "string", "example": "wait=30"},
+    },
+]
+SUBMIT_ANSWER_HEADERS = {
+    "Idempotent-Replayed": {
+        "description": "`true` when an earlier request with this Idempotency-Key made the task.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "Preference-Applied": {
+        "description": "`wait=N` when `data` is the finished task.",
+        "schema": {"type": "string"},
+    },
 }
 
 
 @router.post(
     "/images/generations",
-    response_model=Envelope,
-    responses=ERRORS,
+    response_model=Envelope[TaskCreated | TaskPublic],
+    responses={
+        200: {
+            **json_200(named=examples.SUBMIT_ANSWERS),
+            "headers": SUBMIT_ANSWER_HEADERS,
+        },
+        **error_responses(
+            "native",
+            400,
+            401,
+            402,
+            403,
+            409,
+            413,
+            500,
+            503,
+            messages={409: "This Idempotency-Key was already used with a different request."},
+        ),
+    },
     openapi_extra={
+        "parameters": SUBMIT_HEADERS,
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": GenerationCreate.model_json_schema()}},
-        }
+            "content": {
+                "application/json": {
+                    "schema": GenerationCreate.model_json_schema(),
+                    **example_media(named=examples.NATIVE_REQUESTS),
+                }
+            },
+        },
     },
     summary="Create an image generation task",
 )
@@ -97,14 +152,28 @@ def requested_wait(prefer: str | None) -> int:
     return 0
 
 
-@router.get("/tasks/{task_id}", response_model=Envelope, responses=ERRORS, summary="Get a task")
+@router.get(
+    "/tasks/{task_id}",
+    response_model=Envelope[TaskPublic],
+    responses={
+        200: json_200(examples.TASK_ANSWER),
+        **error_responses("native", 401, 403, 404, 500, 503),
+    },
+    summary="Get a task",
+)
 def get_task(task_id: str, key: CurrentKey, db: DbDep, base: BaseUrl) -> dict[str, Any]:
     task = generation.get_task(db, key=key, task_id=task_id)
     return {"code": 200, "message": "success", "data": task_public(task, base)}
 
 
 @router.post(
-    "/tasks/{task_id}/cancel", response_model=Envelope, responses=ERRORS, summary="Cancel a task"
+    "/tasks/{task_id}/cancel",
+    response_model=Envelope[TaskPublic],
+    responses={
+        200: json_200(examples.CANCEL_ANSWER),
+        **error_responses("native", 401, 403, 404, 409, 413, 500, 503),
+    },
+    summary="Cancel a task",
 )
 def cancel_task(
     task_id: str, request: Request, key: CurrentKey, db: DbDep, base: BaseUrl
@@ -121,9 +190,14 @@ def cancel_task(
     responses={
         200: {
             "description": "`event: task` frames of the task object, until it is terminal.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    **example_media(examples.EVENTS_ANSWER),
+                }
+            },
         },
-        **ERRORS,
+        **error_responses("native", 401, 403, 404, 500, 503),
     },
     summary="Follow a task (Server-Sent Events)",
 )
@@ -148,7 +222,15 @@ async def task_events(
     return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
 
 
-@router.get("/tasks", response_model=Envelope, responses=ERRORS, summary="List your tasks")
+@router.get(
+    "/tasks",
+    response_model=Envelope[TaskList],
+    responses={
+        200: json_200(examples.LIST_ANSWER),
+        **error_responses("native", 400, 401, 403, 500, 503),
+    },
+    summary="List your tasks",
+)
 def list_tasks(
     key: CurrentKey,
     db: DbDep,
@@ -168,7 +250,15 @@ def list_tasks(
     return {"code": 200, "message": "success", "data": data}
 
 
-@router.get("/account", response_model=Envelope, responses=ERRORS, summary="Your key's account")
+@router.get(
+    "/account",
+    response_model=Envelope[AccountPublic],
+    responses={
+        200: json_200(examples.ACCOUNT_ANSWER),
+        **error_responses("native", 401, 403, 500, 503),
+    },
+    summary="Your key's account",
+)
 def get_account(key: CurrentKey, db: DbDep) -> dict[str, Any]:
     acct = key_service.account(db, key)
     data = AccountPublic(

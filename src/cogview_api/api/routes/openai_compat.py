@@ -10,8 +10,8 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from cogview_api.api import examples
 from cogview_api.api.compat_schemas import (
-    OpenAIErrorBody,
     OpenAIImage,
     OpenAIImageCreate,
     OpenAIImagesResponse,
@@ -19,6 +19,7 @@ from cogview_api.api.compat_schemas import (
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.inputs import parse_json_object
+from cogview_api.api.openapi import error_responses, example_media, json_200
 from cogview_api.api.waiting import generate_and_wait
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
@@ -26,8 +27,13 @@ from cogview_api.storage import ImageStorage
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorBody} for code in (400, 401, 402, 403, 413, 500, 503, 504)
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: json_200(examples.OPENAI_ANSWER),
+    **error_responses(
+        "openai",
+        *(400, 401, 402, 403, 409, 413, 500, 503, 504),
+        messages={409: f"Task {examples.TASK_ID} was cancelled: Cancelled by the client."},
+    ),
 }
 
 
@@ -35,11 +41,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     "/images/generations",
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
-    responses=ERRORS,
+    responses=RESPONSES,
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": OpenAIImageCreate.model_json_schema()}},
+            "content": {
+                "application/json": {
+                    "schema": OpenAIImageCreate.model_json_schema(),
+                    **example_media(named=examples.OPENAI_REQUESTS),
+                }
+            },
         }
     },
     summary="Generate images (OpenAI Images API)",

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
+from cogview_api.api import examples
 from cogview_api.api.compat_schemas import (
-    ZhipuErrorBody,
     ZhipuImage,
     ZhipuImageCreate,
     ZhipuImagesResponse,
@@ -18,23 +18,34 @@ from cogview_api.api.compat_schemas import (
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.inputs import parse_json_object
+from cogview_api.api.openapi import error_responses, example_media, json_200
 from cogview_api.api.waiting import generate_and_wait
 
 router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ZhipuErrorBody} for code in (400, 401, 402, 403, 413, 500, 503, 504)
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: json_200(examples.ZHIPU_ANSWER),
+    **error_responses(
+        "zhipu",
+        *(400, 401, 402, 403, 409, 413, 500, 503, 504),
+        messages={409: f"Task {examples.TASK_ID} was cancelled: Cancelled by the client."},
+    ),
 }
 
 
 @router.post(
     "/images/generations",
     response_model=ZhipuImagesResponse,
-    responses=ERRORS,
+    responses=RESPONSES,
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": ZhipuImageCreate.model_json_schema()}},
+            "content": {
+                "application/json": {
+                    "schema": ZhipuImageCreate.model_json_schema(),
+                    **example_media(named=examples.ZHIPU_REQUESTS),
+                }
+            },
         }
     },
     summary="Generate an image (Zhipu BigModel API)",
