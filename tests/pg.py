@@ -119,6 +119,13 @@ class PgCluster:
             "--no-sync",
             "--no-instructions",
         )
+        self.start_server()
+        return self
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data folder and port; returns once it accepts
+        connections. With `stop_server`, a restart on the same port, as after a crash or an
+        upgrade: clients must reconnect by themselves."""
         options = " ".join(
             [
                 f"-h 127.0.0.1 -p {self.port} -k {self.root}",
@@ -140,7 +147,11 @@ class PgCluster:
             "start",
             timeout=90,
         )
-        return self
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """`pg_ctl stop -m fast`: ends every session (clients see their connections drop) and
+        shuts down cleanly; the data stays for `start_server`."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def stop(self) -> None:
         try:

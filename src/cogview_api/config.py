@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     poll_interval: float = Field(default=0.5, gt=0.0)
     max_batch_size: int = Field(default=1, ge=1, le=16)
     retention_days: float = Field(default=7.0, gt=0.0)
+    # Queue wake-ups and dynamic batching (issues 3 and 4). `listen`: on PostgreSQL, workers
+    # wake on LISTEN/NOTIFY (off behind a transaction-pooling PgBouncer, which cannot LISTEN;
+    # they then poll). `batch_timeout`: seconds a worker whose claim came back short of
+    # max_batch_size waits for more tasks of the same batch key before it starts the batch.
+    listen: bool = True
+    batch_timeout: float = Field(default=0.05, ge=0.0, le=5.0)
 
     # Image URLs on S3 (issue 3): "proxy" = the API serves the bytes; "presigned" = the task's
     # image URLs are presigned GET URLs of the bucket (S3 storage only), signed for

@@ -17,6 +17,7 @@ from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
 from cogview_api.store.db import Database
+from cogview_api.store.notify import Listener
 from cogview_api.webhooks.dispatcher import Dispatcher
 from cogview_api.worker.loop import Worker
 
@@ -77,6 +78,7 @@ def serve(settings: Settings) -> None:
     threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
     for t in threads:
         t.start()
+    listener = start_listener(settings, db, workers)
     dispatcher = Dispatcher(settings=settings, db=db)  # webhooks, also with --workers 0
     dispatcher_thread = dispatcher.start()
     with db.read() as conn:
@@ -101,6 +103,8 @@ def serve(settings: Settings) -> None:
     try:
         _Server(config, signals).run()
     finally:
+        if listener is not None:
+            listener.stop()
         for w in workers:
             w.shutdown()
         for t in threads:
@@ -109,6 +113,19 @@ def serve(settings: Settings) -> None:
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()
+
+
+def start_listener(settings: Settings, db: Database, workers: list[Worker]) -> Listener | None:
+    """On PostgreSQL, one LISTEN connection per process that wakes its workers on new tasks
+    (submitted by any API process); None on SQLite, without workers, or with listen off."""
+    if not workers or not settings.listen or db.dialect != "postgresql":
+        return None
+
+    def wake_all() -> None:
+        for w in workers:
+            w.wake.set()
+
+    return Listener(db.url, wake_all).start()
 
 
 def run_worker(settings: Settings) -> None:
@@ -124,11 +141,14 @@ def run_worker(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    listener = start_listener(settings, db, [worker])
     dispatcher = Dispatcher(settings=settings, db=db)
     dispatcher_thread = dispatcher.start()
     try:
         worker.run()
     finally:
+        if listener is not None:
+            listener.stop()
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()

@@ -129,3 +129,124 @@ def test_engine_failure_fails_that_task_with_refund_and_the_worker_goes_on(
     assert balance_of(db, key.id) == 4  # the good image is paid, the failed one refunded
     stored = LocalStorage(tmp_path / "img").get(done.images[0].storage_key)
     assert stored is not None and stored.startswith(b"\x89PNG")
+
+
+# -- fairness between API keys, and topping up a batch -----------------------------------------
+
+
+def settle(db: Database, worker_id: str, ids: list[str]) -> None:
+    """The worker is done with these tasks (failed with a refund: the quickest way to settle)."""
+    with db.write() as conn:
+        for task_id in ids:
+            assert task_store.fail_task(
+                conn,
+                task_id=task_id,
+                worker_id=worker_id,
+                error_code=500,
+                error_type="server_error",
+                message="done",
+            )
+
+
+def claim(db: Database, worker_id: str, limit: int = 4, **kw: object) -> list[str]:
+    with db.write() as conn:
+        return queue.claim_batch(
+            conn,
+            worker_id=worker_id,
+            limit=limit,
+            lease_seconds=30,
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+def test_a_key_with_running_tasks_yields_to_a_key_without(db: Database, settings: Settings) -> None:
+    heavy, _ = key_service.create_key(db, name="heavy", credits=1000)
+    light, _ = key_service.create_key(db, name="light", credits=100)
+    backlog = [generation.submit(db, settings, key=heavy, request=request()).id for _ in range(12)]
+    assert claim(db, "w1") == backlog[:4]
+    same_shape = generation.submit(db, settings, key=light, request=request()).id
+    # w1 still holds four of heavy's tasks: light's task goes first, then heavy's oldest.
+    assert claim(db, "w2") == [same_shape, *backlog[4:7]]
+    other_shape = generation.submit(db, settings, key=light, request=request(Size(768, 1344))).id
+    assert claim(db, "w3") == [other_shape]  # its own batch key, ahead of heavy's backlog
+
+
+def test_one_worker_alternates_keys_after_each_batch(db: Database, settings: Settings) -> None:
+    """A single worker: after a batch of heavy's tasks, light's task (another shape) is next,
+    not after the hundred. Without the worker's `recent` load it would not be (checked)."""
+    heavy, _ = key_service.create_key(db, name="heavy", credits=1000)
+    light, _ = key_service.create_key(db, name="light", credits=100)
+    backlog = [generation.submit(db, settings, key=heavy, request=request()).id for _ in range(9)]
+    first = claim(db, "w")
+    assert first == backlog[:4]
+    late = generation.submit(db, settings, key=light, request=request(Size(768, 1344))).id
+    settle(db, "w", first)
+    with db.read() as conn:  # what a claim without the worker's memory would pick
+        assert queue._pick_batch_key(conn, {}) == queue.BatchKey(
+            1024, 1024, settings.steps_hd, settings.guidance_scale
+        )
+    assert claim(db, "w", recent={heavy.id: 4}) == [late]
+    settle(db, "w", [late])
+    assert claim(db, "w", recent={light.id: 1}) == backlog[4:8]
+
+
+def test_a_claim_for_a_batch_key_takes_only_that_key(db: Database, settings: Settings) -> None:
+    key, _ = key_service.create_key(db, name="k", credits=100)
+    tall = generation.submit(db, settings, key=key, request=request(Size(768, 1344))).id
+    square = generation.submit(db, settings, key=key, request=request()).id
+    wanted = queue.BatchKey(1024, 1024, settings.steps_hd, settings.guidance_scale)
+    assert claim(db, "w", batch_key=wanted) == [square]
+    assert claim(db, "w", batch_key=wanted) == []
+    assert claim(db, "w") == [tall]
+
+
+class BatchRecorder(FlakyEngine):
+    """FlakyEngine that also records each batch it was given, as task ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    def generate(self, jobs, progress):  # type: ignore[no-untyped-def]
+        self.batches.append([job.task_id for job in jobs])
+        return super().generate(jobs, progress)
+
+
+@pytest.mark.parametrize("batch_timeout", [0.0, 30.0])
+def test_worker_tops_up_a_short_batch_within_batch_timeout(
+    tmp_path: Path, settings: Settings, db: Database, batch_timeout: float
+) -> None:
+    """A claim that got 1 of 3 waits (up to batch_timeout) for two more of its batch key,
+    ignoring another shape; with batch_timeout 0 it runs the one it has at once. The wait ends
+    as soon as the batch is full, so 30 s is only a bound."""
+    import threading
+
+    settings = settings.model_copy(
+        update={"max_batch_size": 3, "batch_timeout": batch_timeout, "poll_interval": 0.05}
+    )
+    key, _ = key_service.create_key(db, name="k", credits=100)
+    engine = BatchRecorder()
+    worker = Worker(settings=settings, db=db, storage=LocalStorage(tmp_path / "img"), engine=engine)
+    first = generation.submit(db, settings, key=key, request=request()).id
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    try:
+        while True:  # the first claim has happened once the task runs
+            with db.read() as conn:
+                if task_store.get_task(conn, first).state is not TaskState.QUEUED:
+                    break
+        other = generation.submit(db, settings, key=key, request=request(Size(768, 1344))).id
+        more = [generation.submit(db, settings, key=key, request=request()).id for _ in range(2)]
+        worker.wake.set()
+    finally:
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    if batch_timeout:
+        assert engine.batches == [[first, *more]]
+    else:
+        assert engine.batches == [[first]]
+    worker.settings = settings.model_copy(update={"batch_timeout": 0.0})  # nothing to wait for
+    assert worker.run_once()
+    assert engine.batches[-1] == [other]  # the oldest waiting task's batch comes next
+    with db.read() as conn:
+        assert task_store.get_task(conn, first).state is TaskState.COMPLETED

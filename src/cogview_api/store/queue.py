@@ -1,8 +1,9 @@
 """The queue: claims, leases and the worker registry, all on the `tasks` table.
 
 A claim takes up to B waiting tasks that share a batch key (width, height, steps, guidance),
-oldest first, and marks them RUNNING under the worker's id with a lease deadline, in one
-short write transaction (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite: `BEGIN IMMEDIATE`).
+the least-loaded API key's first, then oldest first, and marks them RUNNING under the worker's
+id with a lease deadline, in one short write transaction (PostgreSQL: `FOR UPDATE SKIP LOCKED`;
+SQLite: `BEGIN IMMEDIATE`).
 A worker renews its lease while it works; a lease that runs out puts the task back in the
 queue, and after `max_attempts` claims it fails with a refund. Every write a worker makes to
 a task is fenced on (state RUNNING, worker_id = its own id), so a worker that lost its lease
@@ -11,42 +12,79 @@ cannot overwrite whoever took the task next.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, case, delete, func, insert, select, update
 
-from cogview_api.domain import Stage, TaskState
+from cogview_api.domain import Stage, Task, TaskState
+from cogview_api.store.notify import announce
 from cogview_api.store.tables import tasks, utcnow, workers
 from cogview_api.store.tasks import fail_task
 
 
-def claim_batch(conn: Connection, *, worker_id: str, limit: int, lease_seconds: float) -> list[str]:
-    """Claim up to `limit` waiting tasks of one batch key; returns their ids, oldest first."""
-    first = conn.execute(
-        select(tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
-        .where(tasks.c.state == TaskState.QUEUED)
-        .order_by(tasks.c.seq)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    ).first()
-    if first is None:
-        return []
+@dataclass(frozen=True)
+class BatchKey:
+    """What tasks must share to run in one engine call."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+def claim_batch(
+    conn: Connection,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    recent: Mapping[str, int] | None = None,
+    batch_key: BatchKey | None = None,
+) -> list[str]:
+    """Claim up to `limit` waiting tasks of one batch key, fairly between API keys.
+
+    Each API key's load is its RUNNING tasks (all workers) plus `recent`: how many of its tasks
+    this worker's previous batch ran (a single worker would otherwise see every key at load 0
+    after each batch and go back to the oldest task, the heavy key's). The key with the least
+    load, then the oldest waiting task, picks the batch key; the batch then takes that batch
+    key's waiting tasks by (their key's load, seq). With `batch_key`, only tasks of that key
+    are taken (topping up a batch). Returns the ids in batch order.
+    """
+    load: dict[str, int] = dict(recent or {})
+    running = conn.execute(
+        select(tasks.c.key_id, func.count())
+        .where(tasks.c.state == TaskState.RUNNING)
+        .group_by(tasks.c.key_id)
+    ).all()
+    for key_id, count in running:
+        load[key_id] = load.get(key_id, 0) + int(count)
+    if batch_key is None:
+        batch_key = _pick_batch_key(conn, load)
+        if batch_key is None:
+            return []
+    order: list[Any] = [tasks.c.seq]
+    if load:  # lighter keys' tasks first
+        order.insert(0, case(load, value=tasks.c.key_id, else_=0))
     ids = list(
         conn.execute(
             select(tasks.c.id)
             .where(
                 tasks.c.state == TaskState.QUEUED,
-                tasks.c.width == first.width,
-                tasks.c.height == first.height,
-                tasks.c.steps == first.steps,
-                tasks.c.guidance_scale == first.guidance_scale,
+                tasks.c.width == batch_key.width,
+                tasks.c.height == batch_key.height,
+                tasks.c.steps == batch_key.steps,
+                tasks.c.guidance_scale == batch_key.guidance_scale,
             )
-            .order_by(tasks.c.seq)
+            .order_by(*order)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).scalars()
     )
+    if not ids:
+        return []
     now = utcnow()
     conn.execute(
         update(tasks)
@@ -62,6 +100,34 @@ def claim_batch(conn: Connection, *, worker_id: str, limit: int, lease_seconds: 
         )
     )
     return ids
+
+
+def _pick_batch_key(conn: Connection, load: Mapping[str, int]) -> BatchKey | None:
+    """The batch key of the oldest waiting task of the least-loaded API key that has one.
+
+    Another worker's claim may hold that task's row (PostgreSQL, SKIP LOCKED): then the next
+    key in order is tried.
+    """
+    heads = conn.execute(
+        select(tasks.c.key_id, func.min(tasks.c.seq))
+        .where(tasks.c.state == TaskState.QUEUED)
+        .group_by(tasks.c.key_id)
+    ).all()
+    for key_id, _ in sorted(heads, key=lambda h: (load.get(h[0], 0), h[1])):
+        head = conn.execute(
+            select(tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
+            .where(tasks.c.state == TaskState.QUEUED, tasks.c.key_id == key_id)
+            .order_by(tasks.c.seq)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if head is not None:
+            return BatchKey(head.width, head.height, head.steps, head.guidance_scale)
+    return None
+
+
+def batch_key_of(task: Task) -> BatchKey:
+    return BatchKey(task.width, task.height, task.steps, task.guidance_scale)
 
 
 def renew_leases(
@@ -119,6 +185,8 @@ def reclaim_expired(conn: Connection, *, now: datetime | None = None) -> tuple[i
                 )
             )
             requeued += 1
+    if requeued:
+        announce(conn)  # idle workers take them at once, on commit
     return requeued, failed
 
 

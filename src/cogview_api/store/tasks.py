@@ -20,6 +20,7 @@ from cogview_api.domain import (
 )
 from cogview_api.errors import NotFound, ServiceUnavailable
 from cogview_api.store.keys import add_credits
+from cogview_api.store.notify import announce
 from cogview_api.store.tables import images, tasks, utcnow
 from cogview_api.store.webhooks import deliveries_of, enqueue_delivery
 
@@ -77,6 +78,7 @@ def insert_task(
             created_at=utcnow(),
         )
     )
+    announce(conn)  # wakes listening workers when this transaction commits (PostgreSQL)
     return get_task(conn, task_id)
 
 

@@ -53,10 +53,13 @@ class Worker:
         self.id = worker_id or new_worker_id()
         self.on_settled = on_settled
         self.stop = threading.Event()
-        # Set by an API in the same process when a task is submitted, so an idle worker
-        # starts at once instead of at its next poll. Other processes find work by polling.
+        # Set when there may be new work, so an idle worker starts at once instead of at its
+        # next poll: by an API in the same process on submit, and on PostgreSQL by the
+        # process's LISTEN connection (store/notify.py). The poll stays as the fallback.
         self.wake = threading.Event()
         self._last_cleanup = 0.0
+        # API key -> tasks of it in this worker's previous batch: the claim's fairness load.
+        self._recent: dict[str, int] = {}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -69,6 +72,9 @@ class Worker:
         log.info("worker %s ready on %s", self.id, self.engine.device)
         try:
             while not self.stop.is_set():
+                # Cleared before the claim looks at the queue, so a wake-up that arrives while
+                # it runs is not lost: the wait below then returns at once.
+                self.wake.clear()
                 try:
                     worked = self.run_once()
                 except CogviewError as exc:  # database briefly unavailable, and the like
@@ -79,7 +85,6 @@ class Worker:
                     worked = False
                 if not worked:
                     self.wake.wait(self.settings.poll_interval)
-                    self.wake.clear()
         finally:
             try:
                 with self.db.write() as conn:
@@ -103,13 +108,57 @@ class Worker:
                 worker_id=self.id,
                 limit=self.settings.max_batch_size,
                 lease_seconds=self.settings.lease_seconds,
+                recent=self._recent,
             )
         if not ids:
+            self._recent = {}  # an idle spell: nobody is owed a turn
             return False
         with self.db.read() as conn:
             batch = [task_store.get_task(conn, task_id) for task_id in ids]
+        batch += self._top_up(batch)
+        self._recent = {}
+        for t in batch:
+            self._recent[t.key_id] = self._recent.get(t.key_id, 0) + 1
         self.run_batch(batch)
         return True
+
+    def _top_up(self, batch: Sequence[Task]) -> list[Task]:
+        """Dynamic batching: a claim short of max_batch_size waits up to `batch_timeout` for
+        more tasks of the same batch key and claims them too. Each look is its own short
+        transaction; no transaction stays open while waiting. The first tasks' leases
+        (at least seconds long) outlast the wait."""
+        room = self.settings.max_batch_size - len(batch)
+        if room <= 0 or self.settings.batch_timeout <= 0:
+            return []
+        key = queue.batch_key_of(batch[0])
+        deadline = time.monotonic() + self.settings.batch_timeout
+        more: list[str] = []
+        while room > 0 and not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # Woken by a submit (in process, or NOTIFY), else one look per poll interval
+            # and a last one at the deadline.
+            self.wake.wait(min(left, self.settings.poll_interval))
+            self.wake.clear()
+            try:
+                with self.db.write() as conn:
+                    got = queue.claim_batch(
+                        conn,
+                        worker_id=self.id,
+                        limit=room,
+                        lease_seconds=self.settings.lease_seconds,
+                        batch_key=key,
+                    )
+            except CogviewError as exc:  # run what we have; these tasks are ours already
+                log.warning("worker %s: topping up the batch: %s", self.id, exc.message)
+                break
+            more += got
+            room -= len(got)
+        if not more:
+            return []
+        with self.db.read() as conn:
+            return [task_store.get_task(conn, task_id) for task_id in more]
 
     # -- one batch ------------------------------------------------------------------------
 
