@@ -429,12 +429,11 @@ class FastCogView4:
                 )
 
     def place(self) -> None:
-        """Move the components where the text-encoder mode wants them."""
-        self.pipe.to(self.device)
-        if self.text_encoder_mode != "gpu":
-            self.pipe.text_encoder.to("cpu")
-            if self.on_cuda:
-                torch.cuda.empty_cache()
+        """Move the components where the text-encoder mode wants them. Module by module, so a
+        24 GB card never holds GLM on the way."""
+        self.pipe.transformer.to(self.device)
+        self.pipe.vae.to(self.device)
+        self.pipe.text_encoder.to(self._text_device)
 
 
 def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
