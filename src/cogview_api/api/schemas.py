@@ -13,6 +13,7 @@ from cogview_api.domain import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_USER_ID_CHARS,
+    MODEL_NAMES,
     GenerationRequest,
     parse_size,
 )
@@ -38,8 +39,15 @@ class GenerationCreate(BaseModel):
         },
     )
 
-    model: str = Field(description="`cogview-4` or `cogview-4-250304`.")
-    prompt: str = Field(description="1..1000 characters after trimming.")
+    # The schema's `enum` and `pattern` describe the rules; the validators below enforce them,
+    # with this API's own error messages.
+    model: str = Field(
+        description="`cogview-4` or `cogview-4-250304`.",
+        json_schema_extra={"enum": list(MODEL_NAMES)},
+    )
+    prompt: str = Field(
+        description="1..1000 characters after trimming.", json_schema_extra={"pattern": r"\S"}
+    )
     size: str = Field(
         default="1024*1024",
         description="`W*H` or `WxH`: a preset, or 512..2048 per side, divisible by 16, "

@@ -235,8 +235,13 @@ def list_tasks(
     key: CurrentKey,
     db: DbDep,
     base: BaseUrl,
-    status: Annotated[str | None, Query(description="IN_PROGRESS, COMPLETED, ...")] = None,
-    limit: Annotated[int, Query()] = 20,
+    # Described here, checked (with this API's messages) by generation.list_tasks. No `enum`
+    # for status: it is matched in any case, which an enum cannot say.
+    status: Annotated[
+        str | None,
+        Query(description="`IN_PROGRESS`, `COMPLETED`, `FAILED` or `CANCELLED` (any case)."),
+    ] = None,
+    limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": 100})] = 20,
     cursor: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     page, next_cursor = generation.list_tasks(
