@@ -44,11 +44,12 @@ class Settings(BaseSettings):
 
     # The fast engine (issue 4; docs/architecture.md "The fast path"). `engine`: fast = ours,
     # same images as stock within fp reassociation; stock = diffusers' CogView4Pipeline as is.
-    # `text_encoder` (fast engine, CUDA only): gpu = resident; cpu = encodes on the CPU;
-    # offload = on the GPU only while encoding. `torch_compile`: auto = on with CUDA.
+    # `text_encoder` (fast engine): gpu = resident; cpu = encodes on the CPU; offload = on the
+    # GPU only while encoding (both CUDA only); int8 = resident, int8 weights via torchao (the
+    # images change slightly). `torch_compile`: auto = on with CUDA.
     # `compile_sizes`: comma-separated W*H warmed up at load when compiling.
     engine: Literal["fast", "stock"] = "fast"
-    text_encoder: Literal["gpu", "cpu", "offload"] = "gpu"
+    text_encoder: Literal["gpu", "cpu", "offload", "int8"] = "gpu"
     torch_compile: Literal["auto", "on", "off"] = "auto"
     compile_sizes: str = "1024*1024"
     # Speed modes that CHANGE the image, off by default. first-block: skip blocks 1..N at a step

@@ -251,3 +251,25 @@ def test_first_block_step_cache_runs_and_changes_the_image_a_little(
         f"step cache: skipped {cache.skipped}/{8 * 4} rows-steps, max pixel diff {max(diffs):.3f}"
     )
     assert 0 < cache.skipped < 8 * 4  # it did skip, and it did not skip everything
+
+
+def test_int8_text_encoder_runs_and_moves_the_embeddings_a_little(
+    engine: CogView4Engine, settings: Settings
+) -> None:
+    """Image-changing memory mode: GLM's linear weights in int8 (torchao, weight-only). It
+    works on the CPU too, so it is tested here on its own pipeline (it quantizes in place).
+    Measured: embeddings move by about 0.1% of their range; the bound below is 2%."""
+    int8 = CogView4Engine.load(settings.model_copy(update={"text_encoder": "int8"}))
+    assert int8.fast is not None and engine.fast is not None
+    weight = int8.pipe.text_encoder.layers[0].mlp.down_proj.weight
+    assert "Int8" in type(weight).__name__
+    prompt = PROMPTS[1]
+    with torch.inference_mode():
+        ours, exact = int8.fast.encode([prompt])[prompt], engine.fast.encode([prompt])[prompt]
+    change = max_diff(ours, exact) / float(exact.abs().max())
+    [latents] = fast_latents(int8.fast, [FastJob(prompt, "", (4,))])
+    [reference] = fast_latents(engine.fast, [FastJob(prompt, "", (4,))])
+    assert latents is not None and reference is not None
+    moved = max_diff(latents, reference)
+    print(f"int8 text encoder: embeddings {change:.2e} of range, latents {moved:.2e}")
+    assert 0 < change < 0.02

@@ -31,11 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift, retrieve_timesteps
 from torch import nn
 
 from cogview_api.engine.cogview4_stepcache import StepCache
+from cogview_api.errors import EngineLoadError
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ class MaskedAttnProcessor:
                 attn, hidden_states, encoder_hidden_states, None, image_rotary_emb
             )
             return stock
-        from diffusers.models.embeddings import apply_rotary_emb
-
         dtype = encoder_hidden_states.dtype
         text_len = encoder_hidden_states.shape[1]
         image_len = hidden_states.shape[1]
@@ -177,12 +177,14 @@ class FastCogView4:
         self.pipe = pipe
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
-        # Without a GPU there is nothing to move: the text encoder lives where everything does.
-        self.text_encoder_mode = text_encoder_mode if self.on_cuda else "gpu"
+        # Without a GPU there is nothing to move: the text encoder lives where everything does
+        # (int8 still quantizes: it works on the CPU too).
+        moves = text_encoder_mode in ("cpu", "offload")
+        self.text_encoder_mode = "gpu" if moves and not self.on_cuda else text_encoder_mode
         self.step_cache_threshold = step_cache_threshold
         self.dtype = pipe.transformer.dtype
         self.text_encoder = truncated_text_encoder(pipe.text_encoder)
-        self._text_device = torch.device("cpu") if self.text_encoder_mode != "gpu" else self.device
+        self._text_device = torch.device("cpu") if moves and self.on_cuda else self.device
         self._empty_negative: torch.Tensor | None = None
         self._rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for block in pipe.transformer.transformer_blocks:
@@ -433,7 +435,22 @@ class FastCogView4:
         24 GB card never holds GLM on the way."""
         self.pipe.transformer.to(self.device)
         self.pipe.vae.to(self.device)
+        if self.text_encoder_mode == "int8":
+            quantize_int8(self.pipe.text_encoder)  # where it is (CPU), before it reaches the GPU
         self.pipe.text_encoder.to(self._text_device)
+
+
+def quantize_int8(text_encoder: nn.Module) -> None:
+    """GLM's linear weights to int8 (weight-only, per channel) with torchao, in place: about half
+    the memory of bf16; the embeddings, and so the images, change slightly."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise EngineLoadError(
+            "COGVIEW_TEXT_ENCODER=int8 needs torchao: pip install 'cogview-api[int8]' "
+            "(or torchao), or choose gpu, cpu or offload."
+        ) from exc
+    quantize_(text_encoder, Int8WeightOnlyConfig())
 
 
 def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
