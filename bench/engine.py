@@ -1,0 +1,577 @@
+"""Our engine against stock diffusers `CogView4Pipeline`: same process, device and weights.
+
+Both sides make the same images: one prompt, empty negative prompt, the same size, steps,
+guidance and seeds (image i of a batch of B uses seed + i, from a CPU generator, as the engine
+does). Each call ends with PIL images, so both include the VAE decode and post-processing.
+
+  stock: `pipe(prompt, num_images_per_prompt=B, generator=[B CPU generators], output_type="pil")`
+         on a structural copy of the pipeline that shares every weight tensor with ours (no
+         second copy in memory) but keeps diffusers' own modules, processors and scheduler, so
+         nothing ours changes (attention processors, compiled blocks, a truncated GLM view)
+         reaches the stock side.
+  ours:  `CogView4Engine.generate([B EngineJobs of one seed each], progress)`: B tasks in one
+         call, i.e. dynamic batching, on the engine wrapping the loaded pipeline.
+
+Runs take turns (stock B, ours B, for each B, the order flipped every round), so drift in the
+machine's speed hits both alike. The first --warmup rounds are not counted (compile, caches).
+With --json the file is rewritten after every round (`"complete": false` until the end), so a
+run cut short still leaves its figures.
+
+    .venv/bin/python bench/engine.py --model tiny --size 256x256 --steps 4 --json out.json
+    python bench/engine.py --model full-random --size 1024x1024 --quality hd --batch 1,2,4 \\
+        --json bench/results/engine-full-random-h100.json
+
+Fraction of peak FLOP/s: the research notes count 5.55 PFLOP per 1024*1024 hd (50-step) image
+with CFG (cond text 144 tokens, uncond 16; FlopCounterMode on the real configs). We scale it:
+  flops_per_image = 5.55e15 * steps / 50 * image_tokens / 4096 * (1 with CFG, else 1/2)
+with image_tokens = (H/16) * (W/16); achieved = flops_per_image * images / second, over the
+device's dense bf16 peak from DEVICE_PEAK_TFLOPS. `flops_per_image_analytic` is the exact count
+for this prompt's token lengths (reproduces the notes' per-forward figures); it differs from the
+scaled figure by the text length and by attention growing with tokens squared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from api_overhead import code_version, cpu_audit, emit, machine_info
+
+PROMPT = "A futuristic robot assistant helping in a modern kitchen, clean design"
+STEPS = {"hd": 50, "standard": 20}  # Settings.steps_hd / steps_standard defaults
+FLOPS_PER_HD_1024_IMAGE = 5.55e15  # research notes 4.3: 50 steps, CFG, 1024*1024, + VAE + GLM
+# Dense bf16 tensor-core peaks (vendor datasheets), matched in order against the device name.
+DEVICE_PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM, "NVIDIA H100 80GB HBM3"
+    ("H200", 989.0),
+    ("A100", 312.0),
+]
+TARGETS = {"ours_over_stock_b1": 1.4, "ours_b4_over_b1_throughput": 1.15, "fraction_of_peak": 0.6}
+# The real transformer (research notes 2.1, 4.1): 28 blocks, width 4096, FF 16384.
+LAYERS, WIDTH, FF = 28, 4096, 16384
+GLM_PARAMS_BUT_EMBEDDING = 8.779e9 - 0.621e9
+VAE_DECODE_FLOPS_1024 = 39.7e12
+# Settings of our engine recorded with the figures (those this version of Settings has).
+ENGINE_FIELDS = (
+    "engine",
+    "torch_compile",
+    "compile_sizes",
+    "text_encoder",
+    "max_batch_size",
+    "unsafe_step_cache",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="tiny | full-random | PATH (a diffusers folder)")
+    p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT (or W*H)")
+    p.add_argument(
+        "--quality", choices=sorted(STEPS), default="hd", help="hd: 50 steps, standard: 20"
+    )
+    p.add_argument("--steps", type=int, help="denoising steps (overrides --quality)")
+    p.add_argument("--guidance", type=float, default=3.5, help="the server's default, 3.5")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch", default="1,2,4", help="ours: images per call (B tasks of 1 image)")
+    p.add_argument(
+        "--stock-batch", help="stock: num_images_per_prompt values (default: same as --batch)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="rounds not counted (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="counted rounds (default 3)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a Settings field for our engine, e.g. --set torch_compile=off (repeatable)",
+    )
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "cogview-api")
+    p.add_argument("--json", type=Path, help="also write the JSON result here")
+    args = p.parse_args(argv)
+    args.width, args.height = (int(v) for v in args.size.replace("*", "x").split("x"))
+    args.steps = args.steps or STEPS[args.quality]
+    args.batches = sorted({int(b) for b in args.batch.split(",")})
+    args.stock_batches = sorted({int(b) for b in (args.stock_batch or args.batch).split(",")})
+    return args
+
+
+# -- loading: one set of weights, two pipelines ---------------------------------------------
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_pipeline(args: argparse.Namespace, device: str) -> Any:
+    """The model's `CogView4Pipeline` on `device`: fp32 for tiny (as the engine loads it),
+    bf16 for the real architecture."""
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import CogView4Pipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    if args.model == "tiny":
+        from cogview_api.engine.tiny import tiny_model_dir
+
+        pipe = CogView4Pipeline.from_pretrained(tiny_model_dir(args.cache_dir), dtype=torch.float32)
+    elif args.model == "full-random":
+        from cogview_api.engine.full_random import build_full_random_pipeline
+
+        pipe = build_full_random_pipeline(device, torch.bfloat16)
+    else:
+        pipe = CogView4Pipeline.from_pretrained(args.model, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def stock_copy(pipe: Any) -> tuple[Any, bool]:
+    """A pipeline of new module objects over the same parameter and buffer tensors, with its
+    own scheduler; and whether every tensor is indeed shared (no weights copied)."""
+    from diffusers import CogView4Pipeline
+
+    modules = {}
+    for name in ("text_encoder", "transformer", "vae"):
+        module = getattr(pipe, name)
+        memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        modules[name] = copy.deepcopy(module, memo)
+    stock = CogView4Pipeline(
+        tokenizer=pipe.tokenizer,
+        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
+        **modules,
+    )
+    stock.set_progress_bar_config(disable=True)
+    shared = all(
+        a is b
+        for name in modules
+        for a, b in zip(
+            getattr(stock, name).parameters(), getattr(pipe, name).parameters(), strict=True
+        )
+    )
+    return stock, shared
+
+
+def engine_settings(args: argparse.Namespace, device: str) -> Any:
+    """Settings for our engine: the run's model, device and steps, batches up to the largest
+    --batch, compile warm-up for this size; only fields this version of Settings has."""
+    from cogview_api.config import Settings
+
+    wanted: dict[str, Any] = {
+        "model": args.model,
+        "device": device,
+        "cache_dir": args.cache_dir,
+        "steps_hd": args.steps,
+        "steps_standard": args.steps,
+        "guidance_scale": args.guidance,
+        "max_batch_size": max(args.batches),
+        "engine": "fast",
+        "text_encoder": "gpu",  # offload modes move the shared GLM weights under stock's feet
+        "compile_sizes": f"{args.width}*{args.height}",
+    }
+    for item in args.set:
+        key, _, value = item.partition("=")
+        wanted[key] = value
+    known = Settings.model_fields
+    return Settings(**{k: v for k, v in wanted.items() if k in known})
+
+
+def make_ours(pipe: Any, settings: Any, device: str) -> tuple[Any, bool]:
+    """Our engine on `pipe`'s weights, and whether it wraps them (True) or loaded its own.
+
+    Uses the engine's constructor from a pipeline when it has one (`from_pipe`, taking any of
+    `name`, `device`, `settings` after the pipeline); otherwise `CogView4Engine.load(settings)`,
+    which loads a second copy and cannot load `full-random`.
+    """
+    from cogview_api.engine.cogview4 import CogView4Engine
+
+    available = {"name": settings.model, "device": device, "settings": settings}
+    factories = [getattr(CogView4Engine, n, None) for n in ("from_pipe", "from_pipeline")]
+    for factory in [*factories, CogView4Engine]:
+        if factory is None:
+            continue
+        params = inspect.signature(factory).parameters
+        names = [n for n in params if n not in ("self", "cls")]
+        if not names or names[0] != "pipe":
+            continue
+        required = {
+            n for n, p in params.items()
+            if p.default is inspect.Parameter.empty and n not in ("self", "cls", "pipe")
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }  # fmt: skip
+        if required <= available.keys():
+            kwargs = {k: v for k, v in available.items() if k in params}
+            return factory(pipe, **kwargs), True
+    if settings.model == "full-random":
+        raise SystemExit("CogView4Engine takes no pipeline object; see bench/README.md")
+    return CogView4Engine.load(settings), False
+
+
+# -- one timed call -----------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], list[Any]], cuda: bool) -> tuple[list[Any], dict[str, Any]]:
+    """Wall seconds of `fn()` (device synchronised on both ends), device seconds by CUDA
+    events, and the device's peak allocated memory during the call (CUDA only)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    out = fn()
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return out, {
+        "wall_s": wall,
+        "events_s": start.elapsed_time(end) / 1000 if cuda else None,
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    }
+
+
+def stock_call(pipe: Any, args: argparse.Namespace, batch: int) -> list[Any]:
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(batch)]
+    with torch.inference_mode():
+        return list(
+            pipe(
+                prompt=PROMPT,
+                negative_prompt="",
+                width=args.width,
+                height=args.height,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                num_images_per_prompt=batch,
+                generator=generators,
+                output_type="pil",
+            ).images
+        )
+
+
+def ours_call(engine: Any, args: argparse.Namespace, batch: int) -> list[Any]:
+    from cogview_api.engine import EngineJob
+
+    jobs = [
+        EngineJob(
+            task_id=f"bench-{i}",
+            prompt=PROMPT,
+            negative_prompt="",
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seeds=(args.seed + i,),
+        )
+        for i in range(batch)
+    ]
+    results = engine.generate(jobs, lambda task_id, stage, step: True)
+    return [images[0] for images in results]
+
+
+def max_pixel_diff(a: Any, b: Any) -> int:
+    import numpy as np
+
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+# -- FLOPs ----------------------------------------------------------------------------------
+
+
+def flops_scaled(args: argparse.Namespace) -> float:
+    image_tokens = (args.width // 16) * (args.height // 16)
+    cfg = 1.0 if args.guidance > 1 else 0.5
+    return FLOPS_PER_HD_1024_IMAGE * args.steps / 50 * image_tokens / 4096 * cfg
+
+
+def flops_analytic(args: argparse.Namespace, cond_tokens: int, uncond_tokens: int) -> float:
+    """Transformer matmuls + attention per forward, both forwards per step, + VAE + GLM."""
+    n = (args.width // 16) * (args.height // 16)
+
+    def forward(t: int) -> float:
+        seq = n + t
+        return 2 * LAYERS * (4 * WIDTH**2 + 2 * WIDTH * FF) * seq + 4 * LAYERS * WIDTH * seq**2
+
+    texts = [cond_tokens, uncond_tokens] if args.guidance > 1 else [cond_tokens]
+    per_step = sum(forward(t) for t in texts)
+    glm = 2 * GLM_PARAMS_BUT_EMBEDDING * sum(texts)
+    return args.steps * per_step + VAE_DECODE_FLOPS_1024 * n / 4096 + glm
+
+
+def padded_tokens(tokenizer: Any, text: str) -> int:
+    """Text tokens the transformer sees: the pipeline left-pads ids to a multiple of 16."""
+    length = len(tokenizer(text, add_special_tokens=True).input_ids)
+    return -(-length // 16) * 16
+
+
+def device_peak(name: str | None) -> tuple[float | None, str | None]:
+    for key, tflops in DEVICE_PEAK_TFLOPS if name else []:
+        if key in (name or ""):
+            return tflops * 1e12, key
+    return None, None
+
+
+def measured_matmul_tflops() -> float:
+    """bf16 8192^3 matmul rate on random data: the ceiling actually reachable here."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return round(10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12, 1)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def summarise(
+    runs: list[dict[str, Any]], batch: int, flops_per_image: float | None, peak: float | None
+) -> dict[str, Any]:
+    walls = [r["wall_s"] for r in runs]
+    median = statistics.median(walls)
+    events = [r["events_s"] for r in runs if r["events_s"] is not None]
+    peaks = [r["peak_bytes"] for r in runs if r["peak_bytes"] is not None]
+    achieved = flops_per_image * batch / median if flops_per_image else None  # FLOP/s
+    return {
+        "batch": batch,
+        "median_s": round(median, 4),
+        "seconds_per_image": round(median / batch, 4),
+        "images_per_minute": round(60 * batch / median, 3),
+        "runs_s": [round(w, 4) for w in walls],
+        "events_median_s": round(statistics.median(events), 4) if events else None,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "achieved_tflops": round(achieved / 1e12, 1) if achieved else None,
+        "fraction_of_peak_flops": round(achieved / peak, 4) if achieved and peak else None,
+    }
+
+
+def ratios(result: dict[str, Any]) -> dict[str, Any]:
+    stock, ours = result["stock"], result["ours"]
+    out: dict[str, Any] = {
+        f"ours_over_stock_b{b}": round(
+            stock[b]["seconds_per_image"] / ours[b]["seconds_per_image"], 4
+        )
+        for b in ours
+        if b in stock
+    }
+    if "1" in ours:
+        base = ours["1"]["images_per_minute"]
+        for b in [b for b in ours if b != "1"]:
+            out[f"ours_b{b}_over_b1_throughput"] = round(ours[b]["images_per_minute"] / base, 4)
+    return out
+
+
+def targets_met(result: dict[str, Any]) -> dict[str, bool | None]:
+    """Which of the issue's targets hold; all null unless the real architecture ran on a GPU
+    (the targets are about the 6B model on an H100, not the tiny one or a CPU)."""
+    if result["config"]["model"] == "tiny" or not result["machine"]["device"].startswith("cuda"):
+        return dict.fromkeys(TARGETS)
+    r, ours = result["ratios"], result["ours"]
+    best = max((s["fraction_of_peak_flops"] or 0 for s in ours.values()), default=0)
+    met: dict[str, bool | None] = {
+        key: (r[key] >= TARGETS[key]) if key in r else None
+        for key in ("ours_over_stock_b1", "ours_b4_over_b1_throughput")
+    }
+    has_fraction = any(s["fraction_of_peak_flops"] is not None for s in ours.values())
+    met["fraction_of_peak"] = best >= TARGETS["fraction_of_peak"] if has_fraction else None
+    return met
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args, device)
+    weights_bytes = torch.cuda.memory_allocated() if cuda else None
+    stock_pipe, weights_shared = stock_copy(pipe)
+    load_s = time.perf_counter() - t0
+    # Device memory the stock copy took: ~0 when it shares the weights as it should.
+    clone_bytes = torch.cuda.memory_allocated() - weights_bytes if weights_bytes else None
+    settings = engine_settings(args, device)
+    t0 = time.perf_counter()
+    ours, ours_wraps_pipe = make_ours(pipe, settings, device)
+    engine_setup_s = time.perf_counter() - t0
+
+    real = args.model != "tiny"  # the FLOP counts are those of the real architecture
+    device_name = torch.cuda.get_device_name(device) if cuda else None
+    peak, peak_key = device_peak(device_name) if cuda else (None, None)
+    cond_t, uncond_t = padded_tokens(pipe.tokenizer, PROMPT), padded_tokens(pipe.tokenizer, "")
+    per_image = flops_scaled(args) if real else None
+    result: dict[str, Any] = {
+        "benchmark": "engine",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "complete": False,
+        "machine": {
+            **machine_info(),
+            "device": device,
+            "device_name": device_name,
+            "device_peak_bf16_tflops": peak / 1e12 if peak else None,
+            "device_peak_matched": peak_key,
+            "matmul_bf16_tflops_measured": measured_matmul_tflops() if cuda else None,
+            "transformers": __import__("transformers").__version__,
+        },
+        "code": code_version(),
+        "config": {
+            "model": args.model,
+            "size": f"{args.width}x{args.height}",
+            "quality": args.quality,
+            "steps": args.steps,
+            "guidance_scale": args.guidance,
+            "seed": args.seed,
+            "prompt": PROMPT,
+            "text_tokens": {"cond": cond_t, "uncond": uncond_t},
+            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+            "batches": args.batches,
+            "stock_batches": args.stock_batches,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "engine": type(ours).__name__,
+            "engine_settings": {
+                k: str(getattr(settings, k))
+                for k in ENGINE_FIELDS
+                if k in type(settings).model_fields
+            },
+            "weights_shared": weights_shared and ours_wraps_pipe,
+        },
+        "flops": {
+            "formula": "5.55e15 * steps/50 * ((H/16)*(W/16))/4096 * (1 if guidance > 1 else 0.5)",
+            "per_image": per_image,
+            "per_image_analytic": flops_analytic(args, cond_t, uncond_t) if real else None,
+            "note": "null for the tiny model (not the real shapes); fractions null on CPU",
+        },
+        "memory": {
+            "weights_bytes": weights_bytes,
+            "stock_copy_added_bytes": clone_bytes,
+            "peak_rss_bytes": None,
+        },
+        "load_s": round(load_s, 2),
+        "engine_setup_s": round(engine_setup_s, 2),
+    }
+    print(
+        f"{args.model} on {device_name or device}: loaded in {load_s:.1f} s, engine set up in "
+        f"{engine_setup_s:.1f} s, weights shared: {result['config']['weights_shared']}",
+        file=sys.stderr,
+    )
+
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {"stock": {}, "ours": {}}
+    first: dict[str, list[Any]] = {}  # the first counted images of each (side, batch)
+    sides = {
+        "stock": (lambda b: stock_call(stock_pipe, args, b), args.stock_batches),
+        "ours": (lambda b: ours_call(ours, args, b), args.batches),
+    }
+    with cpu_audit() as audit:
+        for round_no in range(args.warmup + args.repeats):
+            counted = round_no >= args.warmup
+            order = ["stock", "ours"] if round_no % 2 == 0 else ["ours", "stock"]
+            for batch in sorted(set(args.batches) | set(args.stock_batches)):
+                for side in order:
+                    call, batches = sides[side]
+                    if batch not in batches:
+                        continue
+                    images, timing = timed(lambda c=call, b=batch: c(b), cuda)
+                    print(
+                        f"round {round_no}{'' if counted else ' (warm-up)'} {side} "
+                        f"batch {batch}: {timing['wall_s']:.3f} s",
+                        file=sys.stderr,
+                    )
+                    if counted:
+                        runs[side].setdefault(batch, []).append(timing)
+                        first.setdefault(f"{side}{batch}", images)
+            if counted:
+                fill(result, runs, first, args, per_image, peak)
+                if args.json:
+                    emit_quiet(result, args.json)
+    result["other_cpu"] = audit
+    result["complete"] = True
+    emit(result, args.json)
+    print_table(result)
+    return 0
+
+
+def fill(
+    result: dict[str, Any],
+    runs: dict[str, dict[int, list[dict[str, Any]]]],
+    first: dict[str, list[Any]],
+    args: argparse.Namespace,
+    per_image: float | None,
+    peak: float | None,
+) -> None:
+    """(Re)compute the summaries, ratios, targets and image checks from the runs so far."""
+    for side in ("stock", "ours"):
+        result[side] = {
+            str(b): summarise(r, b, per_image, peak) for b, r in sorted(runs[side].items())
+        }
+    result["ratios"] = ratios(result)
+    result["targets"] = TARGETS
+    result["meets_targets"] = targets_met(result)
+    fidelity: dict[str, Any] = {}
+    if "stock1" in first and "ours1" in first:
+        fidelity["max_pixel_diff_ours_vs_stock_b1"] = max_pixel_diff(
+            first["stock1"][0], first["ours1"][0]
+        )
+    for b in args.batches:
+        if b != 1 and f"ours{b}" in first and "ours1" in first:
+            fidelity[f"max_pixel_diff_ours_b{b}_vs_alone"] = max_pixel_diff(
+                first[f"ours{b}"][0], first["ours1"][0]
+            )
+    result["fidelity"] = fidelity
+    # Linux reports kilobytes; the process's high-water mark (CPU memory, both sides).
+    result["memory"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def emit_quiet(result: dict[str, Any], out: Path) -> None:
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """A short table last, for a terminal or the tail of a remote log."""
+    lines = ["", "side  batch  s/image  images/min  peak GB  fraction of peak"]
+    for side in ("stock", "ours"):
+        for b, s in result[side].items():
+            gb = f"{s['peak_memory_bytes'] / 1e9:7.1f}" if s["peak_memory_bytes"] else "      -"
+            frac = s["fraction_of_peak_flops"]
+            lines.append(
+                f"{side:5} {b:>5}  {s['seconds_per_image']:7.3f}  {s['images_per_minute']:10.2f}"
+                f"  {gb}  {'-' if frac is None else f'{frac:.3f}'}"
+            )
+    lines.append(f"ratios: {result['ratios']}")
+    lines.append(f"fidelity: {result['fidelity']}")
+    lines.append(f"meets targets: {result['meets_targets']}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

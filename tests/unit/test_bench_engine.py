@@ -1,0 +1,71 @@
+"""bench/engine.py keeps working: a 1-step tiny run writes every field bench/README.md documents,
+with values that make sense, so the GPU run is not the first to find the script broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BATCHES = (1, 2)
+
+
+def documented_fields() -> list[str]:
+    """The dotted paths in the README's field table of engine.py (`<B>` = a batch)."""
+    text = (ROOT / "bench" / "README.md").read_text()
+    table = text.split("### Fields of the JSON", 1)[1].lstrip().split("\n\n", 1)[0]
+    return re.findall(r"^\| `([^`]+)`", table, flags=re.MULTILINE)
+
+
+def lookup(result: dict[str, Any], path: str) -> Any:
+    value: Any = result
+    for key in path.split("."):
+        assert isinstance(value, dict) and key in value, f"{path}: no {key!r}"
+        value = value[key]
+    return value
+
+
+def test_tiny_run_writes_every_documented_field(tiny_cache: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "engine.py"), "--model", "tiny",
+         "--size", "512x512", "--steps", "1", "--batch", ",".join(map(str, BATCHES)),
+         "--warmup", "0", "--repeats", "1", "--device", "cpu",
+         "--cache-dir", str(tiny_cache), "--json", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COGVIEW_")}
+        | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(run.stdout) == result  # printed and written alike
+
+    fields = documented_fields()
+    assert len(fields) > 30, "the README's field table was not found"
+    for path in fields:
+        for batch in BATCHES if "<B>" in path else (None,):
+            if batch == 1 and ("_over_b1" in path or "_vs_alone" in path):
+                continue  # comparisons with batch 1 exist for the other batches
+            lookup(result, path.replace("<B>", str(batch)))
+
+    assert result["complete"] is True
+    assert result["config"]["weights_shared"] is True  # stock copies no weights
+    assert re.fullmatch(r"[0-9a-f]{40}", result["code"]["commit"])
+    for side in ("stock", "ours"):
+        assert sorted(result[side]) == [str(b) for b in BATCHES]
+        for b, s in result[side].items():
+            assert s["batch"] == int(b) and len(s["runs_s"]) == 1
+            assert 0 < s["median_s"] < 120
+            assert abs(s["images_per_minute"] - 60 * int(b) / s["median_s"]) < 0.01
+            assert s["fraction_of_peak_flops"] is None  # no FLOP figures on CPU or for tiny
+    assert result["ratios"]["ours_over_stock_b1"] > 0
+    # Same seed, same image (within rounding of the fast path's batched arithmetic).
+    assert 0 <= result["fidelity"]["max_pixel_diff_ours_vs_stock_b1"] <= 2
+    assert 0 <= result["fidelity"]["max_pixel_diff_ours_b2_vs_alone"] <= 2
+    assert result["memory"]["peak_rss_bytes"] > 100e6
+    assert result["flops"]["per_image"] is None and result["machine"]["device"] == "cpu"
