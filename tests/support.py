@@ -265,3 +265,23 @@ def complete_next_task(api: InProcessApi) -> None:
         engine=FlakyEngine(),
     )
     assert worker.run_once()
+
+
+@contextmanager
+def background_worker(api: InProcessApi, engine: Any = None) -> Iterator[Worker]:
+    """A worker thread on the API's database and storage (a `FlakyEngine` unless `engine` is
+    given) that signals the app's waiting requests as its tasks settle, as `serve` wires it."""
+    worker = Worker(
+        settings=api.settings,
+        db=api.db,
+        storage=open_storage(api.settings.storage_url),
+        engine=engine or FlakyEngine(),
+        on_settled=api.app.state.signals.notify,
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.shutdown()
+        thread.join(timeout=30)

@@ -17,7 +17,7 @@ from cogview_api.services import keys as key_service
 from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store.db import Database
 from cogview_api.store.tables import idempotency_keys, tasks, utcnow
-from tests.support import EXAMPLE_BODY, InProcessApi, auth
+from tests.support import EXAMPLE_BODY, InProcessApi, auth, background_worker
 
 SUBMIT = "/api/v1/images/generations"
 PRICE = 4  # one hd image
@@ -196,3 +196,43 @@ def test_a_malformed_key_is_refused(api: InProcessApi, value: str | bytes) -> No
     assert (err["type"], err["param"]) == ("invalid_request", "Idempotency-Key")
     assert balance(api, key) == 100 and task_count(api) == 0
     assert post(api, key, "x" * 255).status_code == 200  # the longest key allowed
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/images/generations", {"model": "cogview-4", "prompt": "a red fox in snow"}),
+        ("/api/paas/v4/images/generations", {"model": "cogview-4", "prompt": "a red fox"}),
+    ],
+    ids=["openai", "zhipu"],
+)
+def test_the_compatible_routes_honour_it_too(
+    api: InProcessApi, path: str, body: dict[str, Any]
+) -> None:
+    key = api.make_key(credits=100)
+    headers = {**auth(key), "Idempotency-Key": "sdk-retry-1"}
+    with background_worker(api):
+        first = api.client.post(path, json=body, headers=headers)
+        again = api.client.post(path, json=body, headers=headers)
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert again.json() == first.json()  # same task: same `created`, same image URLs
+    assert task_count(api) == 1 and balance(api, key) == 100 - 4
+    conflict = api.client.post(path, json={**body, "prompt": "a cat"}, headers=headers)
+    assert conflict.status_code == 409, conflict.text
+    assert "Idempotency-Key" in conflict.json()["error"]["message"]
+    assert task_count(api) == 1 and balance(api, key) == 100 - 4
+
+
+def test_a_key_used_on_one_surface_is_another_request_on_the_next(api: InProcessApi) -> None:
+    key = api.make_key(credits=100)
+    assert post(api, key, "one-key").status_code == 200
+    r = api.client.post(
+        "/v1/images/generations",
+        json={"model": "cogview-4", "prompt": EXAMPLE_BODY["prompt"]},
+        headers={**auth(key), "Idempotency-Key": "one-key"},
+    )
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["param"] == "Idempotency-Key"  # OpenAI's envelope
+    assert task_count(api) == 1 and balance(api, key) == 100 - PRICE

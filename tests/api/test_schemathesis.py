@@ -13,7 +13,6 @@ Bounded and reproducible: 25 examples per operation and mode, derandomized."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,11 +28,9 @@ from schemathesis.core.result import Ok
 
 from cogview_api.api.errors import surface_of
 from cogview_api.engine import EngineJob, ProgressFn
-from cogview_api.storage import open_storage
-from cogview_api.worker.loop import Worker
 from tests.api.test_openapi import ERROR_KEYS
 from tests.conftest import make_settings
-from tests.support import FlakyEngine, InProcessApi, auth, in_process_api
+from tests.support import FlakyEngine, InProcessApi, auth, background_worker, in_process_api
 
 
 class GrayEngine(FlakyEngine):
@@ -48,21 +45,11 @@ class GrayEngine(FlakyEngine):
 def fuzzed(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[InProcessApi]:
     """The API with a worker (so the OpenAI and Zhipu routes and /readyz answer 200)."""
     tmp = tmp_path_factory.mktemp("schemathesis")
-    with in_process_api(make_settings(tmp, tiny_cache, sync_wait_seconds=30)) as api:
-        worker = Worker(
-            settings=api.settings,
-            db=api.db,
-            storage=open_storage(api.settings.storage_url),
-            engine=GrayEngine(),
-            on_settled=api.app.state.signals.notify,
-        )
-        thread = threading.Thread(target=worker.run, daemon=True)
-        thread.start()
-        try:
-            yield api
-        finally:
-            worker.shutdown()
-            thread.join(timeout=30)
+    with (
+        in_process_api(make_settings(tmp, tiny_cache, sync_wait_seconds=30)) as api,
+        background_worker(api, GrayEngine()),
+    ):
+        yield api
 
 
 @pytest.fixture(scope="module")

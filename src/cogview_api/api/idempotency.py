@@ -20,6 +20,27 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
 
+# How /openapi.json describes the request header and the answer's header.
+OPENAPI_PARAMETER = {
+    "name": HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Makes retries safe: the same key and body within 24 h answer with the same "
+    "task, charged once (`Idempotent-Replayed: true`); another body is 409.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_KEY_CHARS,
+        "pattern": "^[!-~]([ -~]*[!-~])?$",  # printable ASCII; HTTP drops outer spaces
+    },
+}
+OPENAPI_ANSWER_HEADER = {
+    REPLAYED_HEADER: {
+        "description": "`true` when an earlier request with this Idempotency-Key made the task.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+
 
 def idempotency_key(request: Request, surface: str, body: dict[str, Any]) -> IdempotencyKey | None:
     """The request's Idempotency-Key with the hash of (surface, body), or None without one.

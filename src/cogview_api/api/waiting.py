@@ -14,6 +14,7 @@ from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
 from cogview_api.errors import TaskCancelled, TaskFailed, WaitTimedOut
 from cogview_api.services import generation
+from cogview_api.services.generation import IdempotencyKey, Submission
 from cogview_api.services.signals import TaskSignals
 from cogview_api.store.db import Database
 
@@ -47,18 +48,25 @@ async def generate_and_wait(
     settings: Settings,
     key: ApiKey,
     generation_request: GenerationRequest,
-) -> Task:
-    """Submit as the native route does (credits reserved with the task, in one transaction),
-    wake in-process workers, and hold the request up to `settings.sync_wait_seconds`.
+    idempotency: IdempotencyKey | None = None,
+) -> Submission:
+    """Submit as the native route does (credits reserved with the task, in one transaction;
+    with an Idempotency-Key, a retry gets the first request's task), wake in-process workers,
+    and hold the request up to `settings.sync_wait_seconds`.
 
-    Returns the COMPLETED task. Raises TaskFailed or TaskCancelled if it ended without images
-    (the credits are refunded by then), WaitTimedOut if it is still running (it stays charged
-    and keeps going; the message names it so the client can fetch it from the native API)."""
-    task = await run_in_threadpool(
-        generation.submit, db, settings, key=key, request=generation_request
+    Returns the COMPLETED task, `replayed` if an earlier request made it. Raises TaskFailed
+    or TaskCancelled if it ended without images (the credits are refunded by then),
+    WaitTimedOut if it is still running (it stays charged and keeps going; the message names
+    it so the client can fetch it from the native API)."""
+    submitted = await run_in_threadpool(
+        lambda: generation.submit_idempotent(
+            db, settings, key=key, request=generation_request, idempotency=idempotency
+        )
     )
-    for notify in request.app.state.on_submit:
-        notify()
+    task = submitted.task
+    if not submitted.replayed:
+        for notify in request.app.state.on_submit:
+            notify()
     finished = await wait_until_terminal(request, db, key, task.id, settings.sync_wait_seconds)
     if finished is None:
         raise WaitTimedOut(
@@ -70,4 +78,4 @@ async def generate_and_wait(
         raise TaskCancelled(f"Task {task.id} was cancelled: {reason}")
     if finished.state is not TaskState.COMPLETED:
         raise TaskFailed(f"Task {task.id} failed: {reason}")
-    return finished
+    return Submission(finished, submitted.replayed)

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from cogview_api.api import events, examples
+from cogview_api.api import events, examples, idempotency
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, base_url
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.idempotency import REPLAYED_HEADER, idempotency_key
@@ -34,19 +34,7 @@ router = APIRouter(prefix="/api/v1", tags=["native"])
 MAX_WAIT_S = 60
 
 SUBMIT_HEADERS = [
-    {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": False,
-        "description": "Makes retries safe: the same key and body within 24 h answer with the "
-        "same task, charged once (`Idempotent-Replayed: true`); another body is 409.",
-        "schema": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": 255,
-            "pattern": "^[!-~]([ -~]*[!-~])?$",
-        },
-    },
+    idempotency.OPENAPI_PARAMETER,
     {
         "name": "Prefer",
         "in": "header",
@@ -57,10 +45,7 @@ SUBMIT_HEADERS = [
     },
 ]
 SUBMIT_ANSWER_HEADERS = {
-    "Idempotent-Replayed": {
-        "description": "`true` when an earlier request with this Idempotency-Key made the task.",
-        "schema": {"type": "string", "enum": ["true"]},
-    },
+    **idempotency.OPENAPI_ANSWER_HEADER,
     "Preference-Applied": {
         "description": "`wait=N` when `data` is the finished task.",
         "schema": {"type": "string"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -18,6 +18,12 @@ from cogview_api.api.compat_schemas import (
 )
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
 from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.idempotency import (
+    OPENAPI_ANSWER_HEADER,
+    OPENAPI_PARAMETER,
+    REPLAYED_HEADER,
+    idempotency_key,
+)
 from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.openapi import error_responses, example_media, json_200
 from cogview_api.api.waiting import generate_and_wait
@@ -28,7 +34,7 @@ from cogview_api.storage import ImageStorage
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: json_200(examples.OPENAI_ANSWER),
+    200: {**json_200(examples.OPENAI_ANSWER), "headers": OPENAPI_ANSWER_HEADER},
     **error_responses(
         "openai",
         *(400, 401, 402, 403, 409, 413, 500, 503, 504),
@@ -43,6 +49,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     response_model_exclude_none=True,
     responses=RESPONSES,
     openapi_extra={
+        "parameters": [OPENAPI_PARAMETER],
         "requestBody": {
             "required": True,
             "content": {
@@ -51,12 +58,13 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
                     **example_media(named=examples.OPENAI_REQUESTS),
                 }
             },
-        }
+        },
     },
     summary="Generate images (OpenAI Images API)",
 )
 async def create_image(
     request: Request,
+    response: Response,
     key: CurrentKey,
     db: DbDep,
     settings: SettingsDep,
@@ -68,9 +76,17 @@ async def create_image(
         body = OpenAIImageCreate.model_validate(data)
     except ValidationError as exc:
         raise invalid_from_validation(exc) from exc
-    task = await generate_and_wait(
-        request, db=db, settings=settings, key=key, generation_request=body.to_domain()
+    submitted = await generate_and_wait(
+        request,
+        db=db,
+        settings=settings,
+        key=key,
+        generation_request=body.to_domain(),
+        idempotency=idempotency_key(request, "openai", data),
     )
+    task = submitted.task
+    if submitted.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     if body.response_format == "b64_json":
         encoded = await run_in_threadpool(images_base64, storage, task)
         images = [OpenAIImage(b64_json=b64) for b64 in encoded]

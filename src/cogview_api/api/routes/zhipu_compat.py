@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from cogview_api.api import examples
@@ -17,6 +17,12 @@ from cogview_api.api.compat_schemas import (
 )
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
 from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.idempotency import (
+    OPENAPI_ANSWER_HEADER,
+    OPENAPI_PARAMETER,
+    REPLAYED_HEADER,
+    idempotency_key,
+)
 from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.openapi import error_responses, example_media, json_200
 from cogview_api.api.waiting import generate_and_wait
@@ -24,7 +30,7 @@ from cogview_api.api.waiting import generate_and_wait
 router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: json_200(examples.ZHIPU_ANSWER),
+    200: {**json_200(examples.ZHIPU_ANSWER), "headers": OPENAPI_ANSWER_HEADER},
     **error_responses(
         "zhipu",
         *(400, 401, 402, 403, 409, 413, 500, 503, 504),
@@ -38,6 +44,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     response_model=ZhipuImagesResponse,
     responses=RESPONSES,
     openapi_extra={
+        "parameters": [OPENAPI_PARAMETER],
         "requestBody": {
             "required": True,
             "content": {
@@ -46,20 +53,33 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
                     **example_media(named=examples.ZHIPU_REQUESTS),
                 }
             },
-        }
+        },
     },
     summary="Generate an image (Zhipu BigModel API)",
 )
 async def create_image(
-    request: Request, key: CurrentKey, db: DbDep, settings: SettingsDep, base: BaseUrl
+    request: Request,
+    response: Response,
+    key: CurrentKey,
+    db: DbDep,
+    settings: SettingsDep,
+    base: BaseUrl,
 ) -> ZhipuImagesResponse:
     data = parse_json_object(request, await request.body())
     try:
         body = ZhipuImageCreate.model_validate(data)
     except ValidationError as exc:
         raise invalid_from_validation(exc) from exc
-    task = await generate_and_wait(
-        request, db=db, settings=settings, key=key, generation_request=body.to_domain()
+    submitted = await generate_and_wait(
+        request,
+        db=db,
+        settings=settings,
+        key=key,
+        generation_request=body.to_domain(),
+        idempotency=idempotency_key(request, "zhipu", data),
     )
+    task = submitted.task
+    if submitted.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     images = [ZhipuImage(url=base.url(i, task.expires_at)) for i in task.images]
     return ZhipuImagesResponse(created=int(task.created_at.timestamp()), data=images)
