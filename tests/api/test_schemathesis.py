@@ -107,6 +107,7 @@ def test_every_operation_keeps_its_description(
                 base_url=fuzzed.base_url,
                 additional_checks=[error_in_its_surface_envelope],
                 excluded_checks=[positive_data_acceptance, ignored_auth],
+                timeout=60,  # schemathesis' default 10 s is tight for the synchronous routes
             )
 
         try:
