@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -43,6 +44,7 @@ class SteppedEngine:
         self.reports: list[tuple[str, int, bool]] = []
         self.images: dict[str, int] = {}
         self.after: dict[tuple[str, int], Callable[[], object]] = {}
+        self.batches: list[list[str]] = []
 
     def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
         def watched(task_id: str, stage: str, step: int) -> bool:
@@ -52,6 +54,7 @@ class SteppedEngine:
                 hook()
             return go_on
 
+        self.batches.append([job.task_id for job in jobs])
         out: list[list[Image.Image]] = self.inner.generate(jobs, watched)
         self.images.update({job.task_id: len(imgs) for job, imgs in zip(jobs, out, strict=True)})
         return out
@@ -128,15 +131,28 @@ def test_cancelled_mid_denoising_stops_at_the_next_step_and_the_worker_goes_on(
     assert real.balance() == 36
 
 
-def test_only_the_cancelled_task_of_a_batch_stops(real: Setup) -> None:
-    real.worker.settings = real.settings.model_copy(update={"max_batch_size": 2})
-    doomed, kept = real.submit("a lighthouse"), real.submit("a harbour")
-    real.engine.after[(doomed.id, 1)] = real.cancel_later(doomed)
+def test_only_the_cancelled_task_of_a_batch_of_4_stops(real: Setup) -> None:
+    """One forward for four tasks with prompts of different lengths; cancelling one at its
+    second step drops it from the batch, and the other three get the very images they get
+    alone."""
+    real.worker.settings = real.settings.model_copy(update={"max_batch_size": 4})
+    prompts = ["a lighthouse", "a harbour at dusk, seen from the hills above the town", "a", "x y"]
+    doomed, *kept = [real.submit(p) for p in prompts]
+    real.engine.after[(doomed.id, 2)] = real.cancel_later(doomed)
     assert real.worker.run_once()
-    assert real.engine.images == {doomed.id: 0, kept.id: 1}
+    assert real.engine.batches == [[t.id for t in (doomed, *kept)]]  # one batch of four
+    assert real.engine.reports_of(doomed.id) == [(1, True), (2, True), (3, False)]
+    assert real.engine.images == {doomed.id: 0, **{t.id: 1 for t in kept}}
     assert_cancelled_and_refunded(real, doomed)
-    assert real.task(kept.id).state is TaskState.COMPLETED
-    assert real.balance() == 36
+    assert real.balance() == 40 - 3 * 4
+    for task in kept:
+        done = real.task(task.id)
+        assert done.state is TaskState.COMPLETED
+        with Image.open(real.storage.root / done.images[0].storage_key) as stored:
+            batched = np.asarray(stored.convert("RGB"), dtype=np.int16)
+        (alone,) = real.engine.inner.generate([EngineJob.from_task(done)], lambda *_: True)[0:1]
+        diff = np.abs(batched - np.asarray(alone[0].convert("RGB"), dtype=np.int16))
+        assert diff.max() <= 1, (task.id, int(diff.max()))  # PNG of the same pixels, +-1 rounding
 
 
 def test_cancelled_while_decoding_writes_nothing(stand_in: Setup) -> None:

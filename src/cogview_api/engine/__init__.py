@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from cogview_api.config import Settings
+    from cogview_api.domain import Task
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,19 @@ class EngineJob:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
+
+    @classmethod
+    def from_task(cls, task: Task) -> EngineJob:
+        return cls(
+            task_id=task.id,
+            prompt=task.prompt,
+            negative_prompt=task.negative_prompt,
+            width=task.width,
+            height=task.height,
+            steps=task.steps,
+            guidance_scale=task.guidance_scale,
+            seeds=task.seeds,
+        )
 
 
 # Called with (task_id, stage, step); stage is "denoising" or "decoding". Returns whether to

@@ -167,19 +167,7 @@ class Worker:
         renewer = _LeaseRenewer(self, ids)
         renewer.start()
         try:
-            jobs = [
-                EngineJob(
-                    task_id=t.id,
-                    prompt=t.prompt,
-                    negative_prompt=t.negative_prompt,
-                    width=t.width,
-                    height=t.height,
-                    steps=t.steps,
-                    guidance_scale=t.guidance_scale,
-                    seeds=t.seeds,
-                )
-                for t in batch
-            ]
+            jobs = [EngineJob.from_task(t) for t in batch]
             try:
                 results = self.engine.generate(jobs, self._progress)
             except EngineError as exc:
