@@ -17,17 +17,13 @@ machine's speed hits both alike. The first --warmup rounds are not counted (comp
 With --json the file is rewritten after every round (`"complete": false` until the end), so a
 run cut short still leaves its figures.
 
-    .venv/bin/python bench/engine.py --model tiny --size 256x256 --steps 4 --json out.json
+    .venv/bin/python bench/engine.py --model tiny --size 512x512 --steps 4 --json out.json
     python bench/engine.py --model full-random --size 1024x1024 --quality hd --batch 1,2,4 \\
         --json bench/results/engine-full-random-h100.json
 
-Fraction of peak FLOP/s: the research notes count 5.55 PFLOP per 1024*1024 hd (50-step) image
-with CFG (cond text 144 tokens, uncond 16; FlopCounterMode on the real configs). We scale it:
-  flops_per_image = 5.55e15 * steps / 50 * image_tokens / 4096 * (1 with CFG, else 1/2)
-with image_tokens = (H/16) * (W/16); achieved = flops_per_image * images / second, over the
-device's dense bf16 peak from DEVICE_PEAK_TFLOPS. `flops_per_image_analytic` is the exact count
-for this prompt's token lengths (reproduces the notes' per-forward figures); it differs from the
-scaled figure by the text length and by attention growing with tokens squared.
+Fraction of peak FLOP/s: FLOPs per image from the research notes' 5.55 PFLOP per 1024*1024 hd
+image with CFG, scaled by steps and image tokens (bench/flops.py states the formula), times
+images per second, over the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -44,24 +40,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import flops
 from api_overhead import code_version, cpu_audit, emit, machine_info
 
 PROMPT = "A futuristic robot assistant helping in a modern kitchen, clean design"
 STEPS = {"hd": 50, "standard": 20}  # Settings.steps_hd / steps_standard defaults
-FLOPS_PER_HD_1024_IMAGE = 5.55e15  # research notes 4.3: 50 steps, CFG, 1024*1024, + VAE + GLM
-# Dense bf16 tensor-core peaks (vendor datasheets), matched in order against the device name.
-DEVICE_PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM, "NVIDIA H100 80GB HBM3"
-    ("H200", 989.0),
-    ("A100", 312.0),
-]
 TARGETS = {"ours_over_stock_b1": 1.4, "ours_b4_over_b1_throughput": 1.15, "fraction_of_peak": 0.6}
-# The real transformer (research notes 2.1, 4.1): 28 blocks, width 4096, FF 16384.
-LAYERS, WIDTH, FF = 28, 4096, 16384
-GLM_PARAMS_BUT_EMBEDDING = 8.779e9 - 0.621e9
-VAE_DECODE_FLOPS_1024 = 39.7e12
 # Settings of our engine recorded with the figures (those this version of Settings has).
 ENGINE_FIELDS = (
     "engine",
@@ -85,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch", default="1,2,4", help="ours: images per call (B tasks of 1 image)")
     p.add_argument(
-        "--stock-batch", help="stock: num_images_per_prompt values (default: same as --batch)"
+        "--stock-batch",
+        help="stock: num_images_per_prompt values (default: same as --batch); 'none': ours "
+        "alone, e.g. to measure a memory mode (--set text_encoder=offload)",
     )
     p.add_argument("--warmup", type=int, default=1, help="rounds not counted (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="counted rounds (default 3)")
@@ -103,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.width, args.height = (int(v) for v in args.size.replace("*", "x").split("x"))
     args.steps = args.steps or STEPS[args.quality]
     args.batches = sorted({int(b) for b in args.batch.split(",")})
-    args.stock_batches = sorted({int(b) for b in (args.stock_batch or args.batch).split(",")})
+    stock = args.stock_batch or args.batch
+    args.stock_batches = [] if stock == "none" else sorted({int(b) for b in stock.split(",")})
     return args
 
 
@@ -188,6 +175,11 @@ def engine_settings(args: argparse.Namespace, device: str) -> Any:
     for item in args.set:
         key, _, value = item.partition("=")
         wanted[key] = value
+    if wanted["text_encoder"] != "gpu" and args.stock_batches:
+        raise SystemExit(
+            "text_encoder other than gpu moves GLM's weights, which stock shares: "
+            "add --stock-batch none"
+        )
     known = Settings.model_fields
     return Settings(**{k: v for k, v in wanted.items() if k in known})
 
@@ -295,57 +287,10 @@ def max_pixel_diff(a: Any, b: Any) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
-# -- FLOPs ----------------------------------------------------------------------------------
-
-
-def flops_scaled(args: argparse.Namespace) -> float:
-    image_tokens = (args.width // 16) * (args.height // 16)
-    cfg = 1.0 if args.guidance > 1 else 0.5
-    return FLOPS_PER_HD_1024_IMAGE * args.steps / 50 * image_tokens / 4096 * cfg
-
-
-def flops_analytic(args: argparse.Namespace, cond_tokens: int, uncond_tokens: int) -> float:
-    """Transformer matmuls + attention per forward, both forwards per step, + VAE + GLM."""
-    n = (args.width // 16) * (args.height // 16)
-
-    def forward(t: int) -> float:
-        seq = n + t
-        return 2 * LAYERS * (4 * WIDTH**2 + 2 * WIDTH * FF) * seq + 4 * LAYERS * WIDTH * seq**2
-
-    texts = [cond_tokens, uncond_tokens] if args.guidance > 1 else [cond_tokens]
-    per_step = sum(forward(t) for t in texts)
-    glm = 2 * GLM_PARAMS_BUT_EMBEDDING * sum(texts)
-    return args.steps * per_step + VAE_DECODE_FLOPS_1024 * n / 4096 + glm
-
-
 def padded_tokens(tokenizer: Any, text: str) -> int:
     """Text tokens the transformer sees: the pipeline left-pads ids to a multiple of 16."""
     length = len(tokenizer(text, add_special_tokens=True).input_ids)
     return -(-length // 16) * 16
-
-
-def device_peak(name: str | None) -> tuple[float | None, str | None]:
-    for key, tflops in DEVICE_PEAK_TFLOPS if name else []:
-        if key in (name or ""):
-            return tflops * 1e12, key
-    return None, None
-
-
-def measured_matmul_tflops() -> float:
-    """bf16 8192^3 matmul rate on random data: the ceiling actually reachable here."""
-    import torch
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return round(10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12, 1)
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -413,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args, device)
     weights_bytes = torch.cuda.memory_allocated() if cuda else None
-    stock_pipe, weights_shared = stock_copy(pipe)
+    # Without stock runs no copy: it would keep references to weights a memory mode replaces.
+    stock_pipe, weights_shared = stock_copy(pipe) if args.stock_batches else (None, True)
     load_s = time.perf_counter() - t0
     # Device memory the stock copy took: ~0 when it shares the weights as it should.
     clone_bytes = torch.cuda.memory_allocated() - weights_bytes if weights_bytes else None
@@ -424,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 
     real = args.model != "tiny"  # the FLOP counts are those of the real architecture
     device_name = torch.cuda.get_device_name(device) if cuda else None
-    peak, peak_key = device_peak(device_name) if cuda else (None, None)
+    peak, peak_key = flops.device_peak(device_name)
     cond_t, uncond_t = padded_tokens(pipe.tokenizer, PROMPT), padded_tokens(pipe.tokenizer, "")
-    per_image = flops_scaled(args) if real else None
+    per_image = flops.scaled(args.width, args.height, args.steps, args.guidance) if real else None
     result: dict[str, Any] = {
         "benchmark": "engine",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -437,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": device_name,
             "device_peak_bf16_tflops": peak / 1e12 if peak else None,
             "device_peak_matched": peak_key,
-            "matmul_bf16_tflops_measured": measured_matmul_tflops() if cuda else None,
+            "matmul_bf16_tflops_measured": flops.measured_matmul_tflops() if cuda else None,
             "transformers": __import__("transformers").__version__,
         },
         "code": code_version(),
@@ -464,9 +410,13 @@ def main(argv: list[str] | None = None) -> int:
             "weights_shared": weights_shared and ours_wraps_pipe,
         },
         "flops": {
-            "formula": "5.55e15 * steps/50 * ((H/16)*(W/16))/4096 * (1 if guidance > 1 else 0.5)",
+            "formula": flops.FORMULA,
             "per_image": per_image,
-            "per_image_analytic": flops_analytic(args, cond_t, uncond_t) if real else None,
+            "per_image_analytic": flops.analytic(
+                args.width, args.height, args.steps, args.guidance, cond_t, uncond_t
+            )
+            if real
+            else None,
             "note": "null for the tiny model (not the real shapes); fractions null on CPU",
         },
         "memory": {
@@ -477,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": round(load_s, 2),
         "engine_setup_s": round(engine_setup_s, 2),
     }
+    if args.json:  # the set-up figures, in case the run is cut short before a round ends
+        emit_quiet(result, args.json)
     print(
         f"{args.model} on {device_name or device}: loaded in {load_s:.1f} s, engine set up in "
         f"{engine_setup_s:.1f} s, weights shared: {result['config']['weights_shared']}",

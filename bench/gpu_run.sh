@@ -13,7 +13,10 @@
 # packages are fetched from PyPI. The project itself runs from src/ (no install).
 #
 # The JSON goes to $OUT when that is set (the lent machine's folder that comes back), else to
-# bench/results/, named engine-full-random-<device>.json, and is rewritten after every round.
+# bench/results/, named engine-full-random-<device>[-$TAG].json, and is rewritten after every
+# round. TAG names a variant, e.g. TAG=offload bench/gpu_run.sh --stock-batch none \
+#   --set text_encoder=offload
+# measures a memory mode (ours alone: such modes move or replace weights stock shares).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +36,13 @@ if [[ "${1:-}" == prepare ]]; then
     exit 0
 fi
 
+# ALLOW_CPU=1 (a smoke test of this script, with e.g. --model tiny --device cpu) skips the GPU
+# check; WHEEL_DIR names another folder of wheels than .whl.
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+WHEEL_DIR=${WHEEL_DIR:-.whl}
+if [[ "${ALLOW_CPU:-}" != 1 ]] \
+    && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null
+then
     echo "no CUDA torch in $PY: making .venv-gpu with torch from PyPI" >&2
     python3 -m venv .venv-gpu
     PY=.venv-gpu/bin/python
@@ -43,20 +51,21 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 SITE=/tmp/cogview-site
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" .whl/*.whl
+        --target "$SITE" "$WHEEL_DIR"/*.whl
 else
     "$PY" -c 'import diffusers, pydantic_settings' 2>/dev/null \
         || "$PY" -m pip install -q --target "$SITE" "${WHEELS[@]}"
 fi
 export PYTHONPATH="src:$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
-device=$("$PY" -c 'import torch; print(torch.cuda.get_device_name())')
+device=$("$PY" -c 'import torch as t; print(t.cuda.get_device_name() if t.cuda.is_available() else "cpu")')
 slug=$(echo "$device" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g')
+slug=$slug${TAG:+-$TAG}
 dir=${OUT:-bench/results}
 mkdir -p "$dir"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv >"$dir/nvidia-smi-$slug.csv" 2>/dev/null || true
 set -o pipefail
 "$PY" bench/engine.py --model full-random --size 1024x1024 --quality hd --batch 1,2,4 \

@@ -3,6 +3,7 @@ with values that make sense, so the GPU run is not the first to find the script 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCHES = (1, 2)
@@ -69,3 +72,23 @@ def test_tiny_run_writes_every_documented_field(tiny_cache: Path, tmp_path: Path
     assert 0 <= result["fidelity"]["max_pixel_diff_ours_b2_vs_alone"] <= 2
     assert result["memory"]["peak_rss_bytes"] > 100e6
     assert result["flops"]["per_image"] is None and result["machine"]["device"] == "cpu"
+
+
+def test_flop_model_reproduces_the_research_notes() -> None:
+    """The analytic count matches the notes' FlopCounterMode figures: 54.12 TFLOP for one
+    1024*1024 forward with 16 text tokens, 5.55 PFLOP per hd image with CFG (144/16)."""
+    spec = importlib.util.spec_from_file_location("bench_flops", ROOT / "bench" / "flops.py")
+    assert spec and spec.loader
+    flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flops)
+
+    no_cfg_one_step = flops.analytic(1024, 1024, 1, 1.0, 16, 16)
+    decode_and_glm = flops.VAE_DECODE_FLOPS_1024 + 2 * flops.GLM_PARAMS_BUT_EMBEDDING * 16
+    assert no_cfg_one_step - decode_and_glm == pytest.approx(54.12e12, rel=1e-3)
+    assert flops.analytic(1024, 1024, 50, 3.5, 144, 16) == pytest.approx(5.55e15, rel=2e-3)
+    assert flops.scaled(1024, 1024, 50, 3.5) == 5.55e15
+    assert flops.scaled(512, 512, 20, 3.5) == pytest.approx(5.55e15 * 20 / 50 / 4)
+    assert flops.device_peak("NVIDIA H100 80GB HBM3") == (989e12, "H100")
+    assert flops.device_peak("NVIDIA H100 PCIe") == (756e12, "H100 PCIe")
+    assert flops.device_peak("NVIDIA H200") == (989e12, "H200")
+    assert flops.device_peak(None) == (None, None)
