@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # when block 0's output moved less than the threshold since the last computed step.
     unsafe_step_cache: Literal["off", "first-block"] = "off"
     step_cache_threshold: float = Field(default=0.1, gt=0.0, le=1.0)
+    # FP8 (e4m3) attention and feed-forward matmuls via torchao; CUDA capability 8.9+ only.
+    unsafe_fp8: bool = False
 
     @field_validator("compile_sizes")
     @classmethod

@@ -25,6 +25,7 @@ from cogview_api.domain import PRESET_SIZES
 from cogview_api.engine import EngineJob
 from cogview_api.engine.cogview4 import CogView4Engine
 from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
+from cogview_api.errors import EngineLoadError
 from tests.conftest import make_settings
 
 LATENT_TOL = 1e-5
@@ -273,3 +274,32 @@ def test_int8_text_encoder_runs_and_moves_the_embeddings_a_little(
     moved = max_diff(latents, reference)
     print(f"int8 text encoder: embeddings {change:.2e} of range, latents {moved:.2e}")
     assert 0 < change < 0.02
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine may have an FP8 GPU")
+def test_fp8_is_refused_at_load_without_an_fp8_gpu(
+    engine: CogView4Engine, settings: Settings
+) -> None:
+    """COGVIEW_UNSAFE_FP8 needs CUDA capability 8.9+: elsewhere the start stops with a sentence
+    (before anything is changed on the shared pipeline)."""
+    with pytest.raises(EngineLoadError, match="COGVIEW_UNSAFE_FP8"):
+        CogView4Engine.from_pipe(engine.pipe, settings.model_copy(update={"unsafe_fp8": True}))
+
+
+def test_rotary_embeddings_are_built_once_per_shape_on_the_device(
+    fast: FastCogView4, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, ...]] = []
+    build = fast.pipe.transformer.rope.forward
+
+    def counting(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(latents.shape))
+        return build(latents)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(fast.pipe.transformer.rope, "forward", counting)
+    fast._rope.clear()
+    for _ in range(2):
+        fast_latents(fast, [FastJob(PROMPTS[0], "", (1,))], 528, 512, steps=2)
+    assert len(calls) == 1  # not once per step, forward or block
+    cos, sin = fast._rope[(512 // 8, 528 // 8)]
+    assert cos.device == sin.device == fast.device

@@ -111,6 +111,7 @@ class CogView4Engine:
                     if settings.unsafe_step_cache == "first-block"
                     else None
                 ),
+                fp8=settings.unsafe_fp8,
             )
         with _out_of_memory_at_load(device):
             if fast is not None:

@@ -173,6 +173,7 @@ class FastCogView4:
         text_encoder_mode: str = "gpu",
         compile_blocks: bool = False,
         step_cache_threshold: float | None = None,
+        fp8: bool = False,
     ) -> None:
         self.pipe = pipe
         self.device = torch.device(device)
@@ -182,6 +183,9 @@ class FastCogView4:
         moves = text_encoder_mode in ("cpu", "offload")
         self.text_encoder_mode = "gpu" if moves and not self.on_cuda else text_encoder_mode
         self.step_cache_threshold = step_cache_threshold
+        self.fp8 = fp8
+        if fp8:
+            check_fp8_device(self.device)
         self.dtype = pipe.transformer.dtype
         self.text_encoder = truncated_text_encoder(pipe.text_encoder)
         self._text_device = torch.device("cpu") if moves and self.on_cuda else self.device
@@ -195,7 +199,10 @@ class FastCogView4:
         self.compiled = compile_blocks
         if compile_blocks:
             # Compiled wrappers share the modules; the stock path keeps calling them eagerly.
-            self.blocks = [torch.compile(block) for block in self.blocks]
+            # Dynamic shapes: batch rows, text length and image size vary between batches;
+            # static graphs would recompile for each and hit dynamo's recompile limit. The heavy
+            # ops (GEMMs, SDPA) are library kernels either way.
+            self.blocks = [torch.compile(block, dynamic=True) for block in self.blocks]
         self.last_step_cache: StepCache | None = None
 
     # -- text --------------------------------------------------------------------------------
@@ -413,8 +420,8 @@ class FastCogView4:
 
     def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> None:
         """Run each (width, height) once alone and once as a padded batch of two texts, so the
-        compiled blocks have their graphs (static, then dynamic in batch and text length)
-        before the first task."""
+        compiled blocks have their graphs (without and with a text mask) and every kernel its
+        shapes' autotuning before the first task."""
         long_prompt = "warm up " * 12
         for width, height in sizes:
             for jobs in (
@@ -434,6 +441,8 @@ class FastCogView4:
         """Move the components where the text-encoder mode wants them. Module by module, so a
         24 GB card never holds GLM on the way."""
         self.pipe.transformer.to(self.device)
+        if self.fp8:
+            quantize_fp8(self.pipe.transformer)
         self.pipe.vae.to(self.device)
         if self.text_encoder_mode == "int8":
             quantize_int8(self.pipe.text_encoder)  # where it is (CPU), before it reaches the GPU
@@ -451,6 +460,48 @@ def quantize_int8(text_encoder: nn.Module) -> None:
             "(or torchao), or choose gpu, cpu or offload."
         ) from exc
     quantize_(text_encoder, Int8WeightOnlyConfig())
+
+
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: L4, L40S, H100, H200
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """FP8 matmuls need CUDA with compute capability 8.9 or newer; anything else is refused
+    at load with a sentence, not at the first task."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise EngineLoadError(
+            "COGVIEW_UNSAFE_FP8=true needs a CUDA GPU with FP8 support (L4, L40S, H100, H200); "
+            "this engine runs on the CPU. Set COGVIEW_UNSAFE_FP8=false."
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise EngineLoadError(
+            f"COGVIEW_UNSAFE_FP8=true needs compute capability 8.9 or newer (L4, L40S, H100, "
+            f"H200); this GPU has {capability[0]}.{capability[1]}. Set COGVIEW_UNSAFE_FP8=false."
+        )
+
+
+def quantize_fp8(transformer: nn.Module) -> None:
+    """The attention and feed-forward linears of every block to FP8 (e4m3, dynamic per-row
+    activation scales, torchao), in place. Image-changing. The adaLN linears (a few rows of
+    `temb`), the embeddings and the output projection stay in bf16."""
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError as exc:
+        raise EngineLoadError(
+            "COGVIEW_UNSAFE_FP8=true needs torchao: pip install torchao (or 'cogview-api[int8]')."
+        ) from exc
+
+    def large_linear(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and (".attn1." in f".{name}" or ".ff." in f".{name}")
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    for block in transformer.transformer_blocks:  # type: ignore[union-attr]
+        quantize_(block, config, filter_fn=large_linear)
 
 
 def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
