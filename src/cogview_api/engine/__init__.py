@@ -1,5 +1,6 @@
-"""The engine seam. Only `cogview4.py` and `tiny.py` import torch or diffusers, and they are
-imported lazily by `load_engine`, so the API process never loads torch.
+"""The engine seam. Only `cogview4*.py` and the model builders (`tiny.py`, `full_random.py`)
+import torch or diffusers, and they are imported lazily by `load_engine`, so the API process
+never loads torch.
 """
 
 from __future__ import annotations
