@@ -26,18 +26,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProcessor
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift, retrieve_timesteps
 from torch import nn
 
+from cogview_api.engine.cogview4_attention import MaskedAttnProcessor
+from cogview_api.engine.cogview4_quant import check_fp8_device, quantize_fp8, quantize_int8
 from cogview_api.engine.cogview4_stepcache import StepCache
-from cogview_api.errors import EngineLoadError
 
 log = logging.getLogger(__name__)
 
@@ -46,59 +44,6 @@ TEXT_BUCKET = 16  # the stock pipeline left-pads token ids to a multiple of this
 
 # Called with a row-group index and the step just finished; False drops that group.
 StepFn = Callable[[int, int], bool]
-
-
-class MaskedAttnProcessor:
-    """`CogView4AttnProcessor` with a text mask that masks.
-
-    `attention_mask` is a bool (rows, text_len) tensor, True where a text token is real, or
-    None. With None it is exactly the stock processor (the stock path shares these modules). With
-    a mask, padded text tokens are removed as keys of every query (text and image) by a boolean
-    SDPA mask; their own outputs are computed but thrown away by the caller.
-    """
-
-    def __init__(self) -> None:
-        self._stock = CogView4AttnProcessor()
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is None:
-            stock: tuple[torch.Tensor, torch.Tensor] = self._stock(
-                attn, hidden_states, encoder_hidden_states, None, image_rotary_emb
-            )
-            return stock
-        dtype = encoder_hidden_states.dtype
-        text_len = encoder_hidden_states.shape[1]
-        image_len = hidden_states.shape[1]
-        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query = attn.to_q(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        key = attn.to_k(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        value = attn.to_v(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query).to(dtype=dtype)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key).to(dtype=dtype)
-        if image_rotary_emb is not None:
-            rope: Any = image_rotary_emb  # diffusers annotates the (cos, sin) pair as 1-tuple
-            query[:, :, text_len:, :] = apply_rotary_emb(
-                query[:, :, text_len:, :], rope, use_real_unbind_dim=-2
-            )
-            key[:, :, text_len:, :] = apply_rotary_emb(
-                key[:, :, text_len:, :], rope, use_real_unbind_dim=-2
-            )
-        image_keys = attention_mask.new_ones((attention_mask.shape[0], image_len))
-        keys = torch.cat([attention_mask, image_keys], dim=1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keys)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        out = attn.to_out[1](attn.to_out[0](out))
-        text_out, image_out = out.split([text_len, image_len], dim=1)
-        return image_out, text_out
 
 
 def truncated_text_encoder(text_encoder: nn.Module) -> nn.Module:
@@ -447,61 +392,6 @@ class FastCogView4:
         if self.text_encoder_mode == "int8":
             quantize_int8(self.pipe.text_encoder)  # where it is (CPU), before it reaches the GPU
         self.pipe.text_encoder.to(self._text_device)
-
-
-def quantize_int8(text_encoder: nn.Module) -> None:
-    """GLM's linear weights to int8 (weight-only, per channel) with torchao, in place: about half
-    the memory of bf16; the embeddings, and so the images, change slightly."""
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError as exc:
-        raise EngineLoadError(
-            "COGVIEW_TEXT_ENCODER=int8 needs torchao: pip install 'cogview-api[int8]' "
-            "(or torchao), or choose gpu, cpu or offload."
-        ) from exc
-    quantize_(text_encoder, Int8WeightOnlyConfig())
-
-
-FP8_CAPABILITY = (8, 9)  # Ada and Hopper: L4, L40S, H100, H200
-
-
-def check_fp8_device(device: torch.device) -> None:
-    """FP8 matmuls need CUDA with compute capability 8.9 or newer; anything else is refused
-    at load with a sentence, not at the first task."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise EngineLoadError(
-            "COGVIEW_UNSAFE_FP8=true needs a CUDA GPU with FP8 support (L4, L40S, H100, H200); "
-            "this engine runs on the CPU. Set COGVIEW_UNSAFE_FP8=false."
-        )
-    capability = torch.cuda.get_device_capability(device)
-    if capability < FP8_CAPABILITY:
-        raise EngineLoadError(
-            f"COGVIEW_UNSAFE_FP8=true needs compute capability 8.9 or newer (L4, L40S, H100, "
-            f"H200); this GPU has {capability[0]}.{capability[1]}. Set COGVIEW_UNSAFE_FP8=false."
-        )
-
-
-def quantize_fp8(transformer: nn.Module) -> None:
-    """The attention and feed-forward linears of every block to FP8 (e4m3, dynamic per-row
-    activation scales, torchao), in place. Image-changing. The adaLN linears (a few rows of
-    `temb`), the embeddings and the output projection stay in bf16."""
-    try:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-            quantize_,
-        )
-    except ImportError as exc:
-        raise EngineLoadError(
-            "COGVIEW_UNSAFE_FP8=true needs torchao: pip install torchao (or 'cogview-api[int8]')."
-        ) from exc
-
-    def large_linear(module: nn.Module, name: str) -> bool:
-        return isinstance(module, nn.Linear) and (".attn1." in f".{name}" or ".ff." in f".{name}")
-
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    for block in transformer.transformer_blocks:  # type: ignore[union-attr]
-        quantize_(block, config, filter_fn=large_linear)
 
 
 def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
