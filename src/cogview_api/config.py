@@ -12,6 +12,8 @@ from cogview_api.webhooks.addresses import parse_allow_list, parse_retry_schedul
 
 DEFAULT_MODEL = "THUDM/CogView4-6B"
 TINY_MODEL = "tiny"
+# CogView4-6B's architecture with random bf16 weights, built on the GPU: speed without weights.
+FULL_RANDOM_MODEL = "full-random"
 
 
 def parse_size_list(text: str) -> list[tuple[int, int]]:

@@ -44,6 +44,11 @@ def configure_logging(level: str) -> None:
     )
     for noisy in ("httpx", "diffusers", "transformers", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Importing diffusers imports torchao when it is installed (the int8 extra), and that import
+    # warns about kernels and checkpoint formats we never use (mxfp8, CUTLASS sm90a, torchao-
+    # serialized checkpoints, deprecated pytree registrations): noise at every start.
+    for import_noise in ("torchao", "diffusers.quantizers.torchao", "torch.utils._pytree"):
+        logging.getLogger(import_noise).setLevel(logging.ERROR)
 
 
 def worker_devices(settings: Settings, count: int) -> list[str]:

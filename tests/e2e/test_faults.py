@@ -138,8 +138,11 @@ def test_missing_weights_exit_with_one_sentence(tmp_path: Path, tiny_cache: Path
 @pytest.mark.skipif(
     os.path.exists("/dev/nvidia0"), reason="this machine has a GPU: the real model would load"
 )
-def test_real_model_without_gpu_says_what_to_do(tmp_path: Path, tiny_cache: Path) -> None:
-    result = run_serve(tmp_path, server_env(tiny_cache))
+@pytest.mark.parametrize("model", ["THUDM/CogView4-6B", "full-random"])
+def test_real_model_without_gpu_says_what_to_do(
+    tmp_path: Path, tiny_cache: Path, model: str
+) -> None:
+    result = run_serve(tmp_path, server_env(tiny_cache, {"COGVIEW_MODEL": model}))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()

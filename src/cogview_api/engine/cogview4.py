@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import CogView4Pipeline
 
-from cogview_api.config import DEFAULT_MODEL, Settings
+from cogview_api.config import DEFAULT_MODEL, FULL_RANDOM_MODEL, Settings
 from cogview_api.engine import EngineJob, ProgressFn
 from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
 from cogview_api.errors import EngineError, EngineLoadError, EngineOutOfMemory
@@ -75,6 +75,10 @@ class CogView4Engine:
                     f"{REAL_MODEL_GPU_GB} GB of memory and none was found; run with --model tiny "
                     "to try the API without a GPU, or start on a machine with one."
                 )
+            if settings.model == FULL_RANDOM_MODEL:  # the real architecture, random weights
+                from cogview_api.engine.full_random import build_full_random_pipeline
+
+                return cls.from_pipe(build_full_random_pipeline(device), settings, device=device)
             source, dtype = settings.model, torch.bfloat16
         try:
             pipe = CogView4Pipeline.from_pretrained(source, dtype=dtype)
