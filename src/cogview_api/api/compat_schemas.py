@@ -50,7 +50,15 @@ OPENAI_QUALITY = {
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
-class OpenAIImageCreate(BaseModel):
+class CompatImageCreate(BaseModel):
+    """A synchronous compat surface's request body: whatever its fields, it names one
+    generation in our domain terms."""
+
+    def to_domain(self) -> GenerationRequest:
+        raise NotImplementedError
+
+
+class OpenAIImageCreate(CompatImageCreate):
     """Client -> server: the body of POST /v1/images/generations (OpenAI Images API).
     `null` means "the default", as it does for OpenAI."""
 
@@ -104,7 +112,7 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
-class ZhipuImageCreate(BaseModel):
+class ZhipuImageCreate(CompatImageCreate):
     """Client -> server: the body of POST /api/paas/v4/images/generations (Zhipu BigModel)."""
 
     model_config = STRICT

@@ -6,10 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from cogview_api.api.compat_schemas import CompatImageCreate
+from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.idempotency import REPLAYED_HEADER, idempotency_key
+from cogview_api.api.inputs import parse_json_object
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
 from cogview_api.errors import TaskCancelled, TaskFailed, WaitTimedOut
@@ -19,6 +25,8 @@ from cogview_api.services.signals import TaskSignals
 from cogview_api.store.db import Database
 
 WAIT_RECHECK_S = 0.5
+
+Body = TypeVar("Body", bound=CompatImageCreate)
 
 
 async def wait_until_terminal(
@@ -79,3 +87,34 @@ async def generate_and_wait(
     if finished.state is not TaskState.COMPLETED:
         raise TaskFailed(f"Task {task.id} failed: {reason}")
     return Submission(finished, submitted.replayed)
+
+
+async def generate_sync(
+    request: Request,
+    response: Response,
+    *,
+    surface: str,
+    schema: type[Body],
+    db: Database,
+    settings: Settings,
+    key: ApiKey,
+) -> tuple[Body, Task]:
+    """A synchronous compat route from body to finished task: parse and validate the body
+    with the surface's schema, submit (honouring Idempotency-Key), wait, and mark a replay
+    with its header. Errors are raised for the surface's envelope to render."""
+    data = parse_json_object(request, await request.body())
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc) from exc
+    submitted = await generate_and_wait(
+        request,
+        db=db,
+        settings=settings,
+        key=key,
+        generation_request=body.to_domain(),
+        idempotency=idempotency_key(request, surface, data),
+    )
+    if submitted.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return body, submitted.task

@@ -7,7 +7,6 @@ import base64
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cogview_api.api import examples
@@ -17,16 +16,12 @@ from cogview_api.api.compat_schemas import (
     OpenAIImagesResponse,
 )
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
-from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.idempotency import (
     OPENAPI_ANSWER_HEADER,
     OPENAPI_PARAMETER,
-    REPLAYED_HEADER,
-    idempotency_key,
 )
-from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.openapi import error_responses, example_media, json_200
-from cogview_api.api.waiting import generate_and_wait
+from cogview_api.api.waiting import generate_sync
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
 from cogview_api.storage import ImageStorage
@@ -71,22 +66,15 @@ async def create_image(
     storage: StorageDep,
     base: BaseUrl,
 ) -> OpenAIImagesResponse:
-    data = parse_json_object(request, await request.body())
-    try:
-        body = OpenAIImageCreate.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from exc
-    submitted = await generate_and_wait(
+    body, task = await generate_sync(
         request,
+        response,
+        surface="openai",
+        schema=OpenAIImageCreate,
         db=db,
         settings=settings,
         key=key,
-        generation_request=body.to_domain(),
-        idempotency=idempotency_key(request, "openai", data),
     )
-    task = submitted.task
-    if submitted.replayed:
-        response.headers[REPLAYED_HEADER] = "true"
     if body.response_format == "b64_json":
         encoded = await run_in_threadpool(images_base64, storage, task)
         images = [OpenAIImage(b64_json=b64) for b64 in encoded]

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
 from cogview_api.api import examples
 from cogview_api.api.compat_schemas import (
@@ -16,16 +15,12 @@ from cogview_api.api.compat_schemas import (
     ZhipuImagesResponse,
 )
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
-from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.idempotency import (
     OPENAPI_ANSWER_HEADER,
     OPENAPI_PARAMETER,
-    REPLAYED_HEADER,
-    idempotency_key,
 )
-from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.openapi import error_responses, example_media, json_200
-from cogview_api.api.waiting import generate_and_wait
+from cogview_api.api.waiting import generate_sync
 
 router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
 
@@ -65,21 +60,14 @@ async def create_image(
     settings: SettingsDep,
     base: BaseUrl,
 ) -> ZhipuImagesResponse:
-    data = parse_json_object(request, await request.body())
-    try:
-        body = ZhipuImageCreate.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from exc
-    submitted = await generate_and_wait(
+    _, task = await generate_sync(
         request,
+        response,
+        surface="zhipu",
+        schema=ZhipuImageCreate,
         db=db,
         settings=settings,
         key=key,
-        generation_request=body.to_domain(),
-        idempotency=idempotency_key(request, "zhipu", data),
     )
-    task = submitted.task
-    if submitted.replayed:
-        response.headers[REPLAYED_HEADER] = "true"
     images = [ZhipuImage(url=base.url(i, task.expires_at)) for i in task.images]
     return ZhipuImagesResponse(created=int(task.created_at.timestamp()), data=images)
