@@ -150,7 +150,9 @@ def fleet(tmp_path: Path, pg_cluster: pg.PgCluster) -> Iterator[Fleet]:
             "COGVIEW_MODEL": ECHO_MODEL,
             "COGVIEW_MAX_BATCH_SIZE": "4",
             "COGVIEW_BATCH_TIMEOUT": "0.02",
-            "COGVIEW_LEASE_SECONDS": "3",
+            # Long enough that a busy 2-core machine never lets a working worker's lease lapse;
+            # the fault tests shorten it where a lease must run out.
+            "COGVIEW_LEASE_SECONDS": "20",
             "COGVIEW_POLL_INTERVAL": "0.5",  # the fallback; NOTIFY wakes the workers
             "COGVIEW_MAX_QUEUE": "10000",
         },
@@ -244,7 +246,7 @@ def submit_direct(fleet: Fleet, key: ApiKey, count: int, size: Size = SQUARE) ->
 def test_sigkilled_worker_mid_batch_its_tasks_are_reclaimed_and_finished(fleet: Fleet) -> None:
     key, _ = fleet.key()
     ids = submit_direct(fleet, key, 4)
-    victim = fleet.start_worker(**{STEP_SECONDS_ENV: "30"})
+    victim = fleet.start_worker(**{STEP_SECONDS_ENV: "30", "COGVIEW_LEASE_SECONDS": "3"})
     # The victim claimed the four as one batch and its engine is on them.
     fleet.wait_until(
         "claimed by the victim",
@@ -342,6 +344,9 @@ def test_api_restart_under_load_loses_no_accepted_task(fleet: Fleet) -> None:
 def test_postgres_restart_under_load_503_then_everyone_reconnects(
     fleet: Fleet, pg_cluster: pg.PgCluster
 ) -> None:
+    # A task whose completing write met the outage runs again once its (short) lease lapses;
+    # enough attempts that a slow machine cannot turn that into a failure.
+    fleet.env.update(COGVIEW_LEASE_SECONDS="3", COGVIEW_MAX_ATTEMPTS="10")
     key, secret = fleet.key(credits=1_000_000)
     fleet.start_worker()
     fleet.start_worker()

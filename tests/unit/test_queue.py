@@ -250,3 +250,29 @@ def test_worker_tops_up_a_short_batch_within_batch_timeout(
     assert engine.batches[-1] == [other]  # the oldest waiting task's batch comes next
     with db.read() as conn:
         assert task_store.get_task(conn, first).state is TaskState.COMPLETED
+
+
+def test_files_of_a_completion_that_failed_are_deleted_once_the_database_answers(
+    tmp_path: Path, settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images were stored, then the completing write failed (database down): the task is
+    run again later with new files, so these would be left over for ever."""
+    from cogview_api.errors import ServiceUnavailable
+
+    key, _ = key_service.create_key(db, name="k", credits=8)
+    task = generation.submit(db, settings, key=key, request=request(n=2))
+    worker = Worker(
+        settings=settings, db=db, storage=LocalStorage(tmp_path / "img"), engine=FlakyEngine()
+    )
+
+    def database_down(*args: object, **kwargs: object) -> bool:
+        raise ServiceUnavailable("The database is unavailable; try again shortly.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(task_store, "complete_task", database_down)
+        assert worker.run_once()
+    assert len(list((tmp_path / "img").rglob("*.png"))) == 2  # stored, not recorded
+    assert not worker.run_once()  # the next pass finds no image rows for them
+    assert list((tmp_path / "img").rglob("*.png")) == []
+    with db.read() as conn:
+        assert task_store.get_task(conn, task.id).state is TaskState.FAILED

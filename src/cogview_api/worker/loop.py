@@ -60,6 +60,8 @@ class Worker:
         self._last_cleanup = 0.0
         # API key -> tasks of it in this worker's previous batch: the claim's fairness load.
         self._recent: dict[str, int] = {}
+        # Images stored for a task whose settling write failed; see _sweep_unrecorded.
+        self._unrecorded: list[ImageRecord] = []
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class Worker:
         with self.db.write() as conn:
             queue.heartbeat_worker(conn, worker_id=self.id)
             queue.reclaim_expired(conn)
+        self._sweep_unrecorded()
         self._cleanup_expired_images()
         with self.db.write() as conn:
             ids = queue.claim_batch(
@@ -201,6 +204,7 @@ class Worker:
             return True
 
     def _finish(self, task: Task, imgs: Sequence[object]) -> None:
+        records: list[ImageRecord] = []
         try:
             with self.db.write() as conn:
                 held = task_store.set_progress(
@@ -209,7 +213,6 @@ class Worker:
             if not held:  # cancelled (or lease lost) while decoding: store nothing
                 log.info("task %s stopped before saving: no longer held by %s", task.id, self.id)
                 return
-            records = []
             for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
                 token = new_image_token()
                 key = f"{task.created_at:%Y/%m/%d}/{task.id}/{index}-{token}.{task.output_format}"
@@ -240,7 +243,25 @@ class Worker:
             self._settled(task.id)
         except Exception:
             log.exception("could not store the images of task %s", task.id)
+            # Files written, but was the task settled with them? A database that dropped the
+            # connection may or may not have committed; decided at the next look (_sweep).
+            self._unrecorded.extend(records)
             self._fail(task, "The images could not be stored.")
+
+    def _sweep_unrecorded(self) -> None:
+        """Delete stored files whose task was not completed with them (the completing write
+        failed: database down, say), once the database answers again. A file whose image row
+        exists stays: the commit went through after all."""
+        if not self._unrecorded:
+            return
+        with self.db.read() as conn:  # raises while the database is down: try again later
+            orphans = [r for r in self._unrecorded if task_store.find_image(conn, r.token) is None]
+        self._unrecorded = []
+        for r in orphans:
+            try:
+                self.storage.delete(r.storage_key)
+            except Exception:  # noqa: BLE001 - a leftover file is no reason to stop the worker
+                log.warning("could not delete the unrecorded image file %s", r.storage_key)
 
     def _fail(self, task: Task, message: str) -> None:
         try:
