@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -19,9 +20,10 @@ from cogview_api.domain import GenerationRequest, Size
 from cogview_api.errors import InvalidRequest, ServiceUnavailable
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
+from cogview_api.store import keys as key_store
 from cogview_api.store import queue
-from cogview_api.store.db import Database
-from cogview_api.store.tables import metadata
+from cogview_api.store.db import Database, alembic_config
+from cogview_api.store.tables import metadata, utcnow
 from tests.pg import PgCluster
 from tests.support import CLI, free_port, server_env
 
@@ -129,3 +131,40 @@ def test_cli_migrate_on_postgres(pg_cluster: PgCluster, tmp_path: Path, tiny_cac
     )
     assert failed.returncode == 1
     assert failed.stderr.strip() == "cogview-api: The database is unavailable; try again shortly."
+
+
+def test_upgrading_a_database_with_data_from_the_first_schema_keeps_it(
+    database_url: str,
+) -> None:
+    """A deployment upgrades a database with keys and ledger rows in it, not an empty one: on
+    SQLite a migration that rebuilds a table others point at (batch mode) must not trip over
+    their foreign keys, and every key gets its webhook secret."""
+    database = Database(database_url)
+    try:
+        command.upgrade(alembic_config(database.url, database.engine), "0001")
+        with database.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, name, key_hash, prefix, balance, created_at) "
+                    "VALUES ('k1', 'old', :hash, 'cv4_old', 40, :now)"
+                ),
+                {"hash": "0" * 64, "now": utcnow()},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO ledger (key_id, kind, amount, note, created_at) "
+                    "VALUES ('k1', 'grant', 40, 'before the upgrade', :now)"
+                ),
+                {"now": utcnow()},
+            )
+        database.migrate()
+        with database.read() as conn:
+            key = key_store.get_key(conn, "k1")
+            assert key.balance == 40 and key_store.ledger_sum(conn, "k1") == 40
+            secret = conn.execute(text("SELECT webhook_secret FROM api_keys")).scalar_one()
+            assert secret.startswith("whsec_")
+        if database.engine.dialect.name == "sqlite":  # still enforced after the migration
+            with database.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    finally:
+        database.dispose()
