@@ -141,6 +141,13 @@ class Settings(BaseSettings):
                 "COGVIEW_IMAGE_URLS=presigned needs images in S3 (COGVIEW_STORAGE_URL=s3://...); "
                 "with local files use COGVIEW_IMAGE_URLS=proxy."
             )
+        if self.batch_timeout >= self.lease_seconds / 3:
+            # Tasks are claimed before the wait and their leases renewed only once the engine
+            # starts: a wait that long could let them lapse and run twice.
+            raise ValueError(
+                "COGVIEW_BATCH_TIMEOUT must be under a third of COGVIEW_LEASE_SECONDS "
+                f"({self.lease_seconds / 3:g} s)."
+            )
         return self
 
     @property

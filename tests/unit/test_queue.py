@@ -276,3 +276,10 @@ def test_files_of_a_completion_that_failed_are_deleted_once_the_database_answers
     assert list((tmp_path / "img").rglob("*.png")) == []
     with db.read() as conn:
         assert task_store.get_task(conn, task.id).state is TaskState.FAILED
+
+
+def test_a_batch_timeout_that_could_outlast_the_lease_is_refused() -> None:
+    # Claimed tasks wait out batch_timeout before their lease is first renewed.
+    with pytest.raises(ValueError, match="COGVIEW_BATCH_TIMEOUT"):
+        Settings(lease_seconds=3.0, batch_timeout=1.0)
+    assert Settings(lease_seconds=3.0, batch_timeout=0.9).batch_timeout == 0.9
