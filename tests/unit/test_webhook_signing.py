@@ -84,8 +84,44 @@ def test_public_addresses_pass_and_one_internal_answer_spoils_them() -> None:
     target = check_url("https://hooks.example:8443/cb?x=1", AllowList(), public)
     assert target.port == 8443 and target.addresses[0] == "93.184.215.14"
     mixed = resolver({"hooks.example": ["93.184.215.14", "10.0.0.7"]})
-    with pytest.raises(UnsafeTarget, match="10.0.0.7"):
+    with pytest.raises(UnsafeTarget, match="non-public address"):
         check_url("https://hooks.example/cb", AllowList(), mixed)
+
+
+def test_a_refusal_names_no_internal_address_but_the_log_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client (at submit, and in an attempt's error) must not learn where internal names
+    point; the operator's log says it."""
+    internal = resolver({"db.internal": ["10.1.2.3"]})
+    with (
+        caplog.at_level("INFO", logger="cogview_api.webhooks.addresses"),
+        pytest.raises(UnsafeTarget) as refused,
+    ):
+        check_url("https://db.internal/cb", AllowList(), internal)
+    assert "10.1.2.3" not in str(refused.value) and "(private)" in str(refused.value)
+    assert "10.1.2.3" in caplog.text
+
+
+def test_an_international_host_is_resolved_and_sent_in_its_ascii_form() -> None:
+    seen: list[str] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        seen.append(host)
+        return ["93.184.215.14"]
+
+    target = check_url("https://B\u00fccher.example/hook", AllowList(), resolve)
+    assert target.host == seen[0] == "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://a..b/", f"http://{'x' * 64}.example/", "http://\u00fc..example/"]
+)
+def test_a_malformed_host_is_refused_not_raised(url: str) -> None:
+    """The real resolver raises UnicodeError for these: it must be a refusal (400), not a
+    500 at submit nor an escaped error at delivery."""
+    with pytest.raises(UnsafeTarget):
+        check_url(url, AllowList())
 
 
 def test_the_operator_allow_list_admits_hosts_and_networks() -> None:

@@ -74,6 +74,13 @@ def submit_idempotent(
     refuse_unstorable_text(
         prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
     )
+    if idempotency is not None:
+        # Before the callback's DNS check: a retry gets its task even while the host does not
+        # resolve (DNS down, host moved); the check is for a task about to be created.
+        with db.read() as conn:
+            prior = idempotency_store.find(conn, key_id=key.id, idem_key=idempotency.value)
+            if prior is not None:
+                return Submission(_replay(conn, idempotency, prior), replayed=True)
     refuse_unsafe_callback(request.callback_url, settings)
     for _ in range(_CLAIM_PASSES):
         try:

@@ -13,6 +13,7 @@ Stdlib only: `config` imports the parsers below.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Sequence[str]]
 
 MAX_URL_CHARS = 2048
+
+log = logging.getLogger(__name__)
 
 
 class UnsafeTarget(ValueError):
@@ -111,11 +114,11 @@ def check_url(url: str, allow: AllowList, resolve: Resolver | None = None) -> Ta
 
     Resolves the host (blocking): call it off the event loop."""
     parts = _split(url)
-    host = parts.hostname or ""
+    host = _ascii_host(parts.hostname or "")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         addresses = tuple((resolve or system_resolve)(host, port))
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # getaddrinfo: UnicodeError for an empty label
         raise UnsafeTarget(f"callback_url host {host!r} does not resolve") from exc
     if not addresses:
         raise UnsafeTarget(f"callback_url host {host!r} does not resolve")
@@ -124,8 +127,11 @@ def check_url(url: str, allow: AllowList, resolve: Resolver | None = None) -> Ta
             address = ipaddress.ip_address(text.split("%", 1)[0])
             reason = refusal_reason(address)
             if reason is not None and not allow.allows_address(address):
+                # The address stays in the server's log: told to a client (at submit, or in
+                # an attempt's error on GET task), it would map the internal DNS.
+                log.info("callback_url host %r resolves to %s (%s): refused", host, address, reason)
                 raise UnsafeTarget(
-                    f"callback_url host {host!r} resolves to {address} ({reason}); "
+                    f"callback_url host {host!r} resolves to a non-public address ({reason}); "
                     "webhooks go only to public addresses unless the operator allows the host"
                 )
     return Target(url=parts, host=host, port=port, addresses=addresses)
@@ -134,6 +140,15 @@ def check_url(url: str, allow: AllowList, resolve: Resolver | None = None) -> Ta
 def system_resolve(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _ascii_host(host: str) -> str:
+    """The host as DNS, the Host header and TLS SNI need it: IDNA (`bücher.de` ->
+    `xn--bcher-kva.de`). httpx cannot send a non-ASCII Host header at all."""
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:  # an empty or over-long label, or no IDNA form
+        raise UnsafeTarget("callback_url host is not a valid host name") from exc
 
 
 def _split(url: str) -> SplitResult:
