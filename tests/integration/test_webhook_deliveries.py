@@ -4,7 +4,12 @@ once, retry on schedule, give up at the end of it, and re-check the target at de
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -149,6 +154,151 @@ def test_the_delivery_rechecks_where_the_host_now_resolves(
     (attempt,) = hook.attempts
     assert attempt.status_code is None and attempt.error is not None
     assert attempt.error.startswith("refused:") and "link-local" in attempt.error
+    assert "169.254" not in attempt.error  # GET task must not map the internal DNS
+
+
+def queued_hook(db: Database, key: ApiKey, url: str) -> Task:
+    """A settled task whose delivery to `url` is due; written directly, past the submit check
+    (the host may resolve differently at delivery)."""
+    with db.write() as conn:
+        t = task_store.insert_task(
+            conn,
+            key_id=key.id,
+            request=GenerationRequest(
+                model="cogview-4",
+                prompt="x",
+                size=Size(1024, 1024),
+                quality="hd",
+                n=1,
+                callback_url=url,
+            ),
+            steps=1,
+            guidance_scale=3.5,
+            price=4,
+            max_attempts=1,
+            max_queue=10,
+        )
+    generation.cancel(db, key=key, task_id=t.id)
+    return t
+
+
+class Receiver:
+    """A loopback receiver answering 204, recording the Host header of each POST."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.hosts.append(self.headers.get("host", ""))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver()
+    try:
+        yield running
+    finally:
+        running.httpd.shutdown()
+        running.httpd.server_close()
+
+
+def test_one_bad_target_does_not_lose_the_others_of_its_batch(
+    db: Database, hooked: Settings, receiver: Receiver
+) -> None:
+    """An international host once made httpx raise UnicodeEncodeError (no HTTPError) out of
+    run_once: the batch's other POSTs went unrecorded and were sent again after the lease."""
+    key, _ = key_service.create_key(db, name="k", credits=100)
+    intl = queued_hook(db, key, f"http://b\u00fccher.test:{receiver.port}/hook")
+    broken = queued_hook(db, key, "http://broken.test/hook")
+    plain = queued_hook(db, key, f"http://127.0.0.1:{receiver.port}/hook")
+
+    def resolve(host: str, port: int) -> list[str]:
+        if host == "broken.test":
+            raise RuntimeError("resolver bug near 10.9.9.9")
+        return ["127.0.0.1"]
+
+    assert Dispatcher(settings=hooked, db=db, resolve=resolve).run_once() == 3
+    assert sorted(receiver.hosts) == sorted(
+        [f"xn--bcher-kva.test:{receiver.port}", f"127.0.0.1:{receiver.port}"]
+    )
+    for t in (intl, plain):
+        hook = task(db, t.id).webhook
+        assert hook is not None and hook.state == "delivered", t.callback_url
+        assert [a.status_code for a in hook.attempts] == [204]
+    hook = task(db, broken.id).webhook
+    assert hook is not None and hook.state == "pending"
+    assert [(a.status_code, a.error) for a in hook.attempts] == [(None, "RuntimeError")]
+
+
+class Dribbler:
+    """A receiver that sends its answer's head a byte every 0.5 s, each byte well inside a
+    per-read timeout, for up to 20 s; `closed` is set when the client hangs up."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(40):
+                    conn.sendall(b"x")
+                    if self.closed.wait(0.5):
+                        return
+                conn.sendall(b"-slow: 1\r\ncontent-length: 0\r\n\r\n")
+                conn.settimeout(20)
+                conn.recv(1)  # until the client hangs up
+            except OSError:
+                pass
+            finally:
+                self.closed.set()
+
+
+def test_a_dribbling_receiver_is_cut_at_the_deadline_and_holds_up_no_other(
+    db: Database, hooked: Settings, receiver: Receiver
+) -> None:
+    settings = hooked.model_copy(update={"webhook_timeout_seconds": 3.0})
+    key, _ = key_service.create_key(db, name="k", credits=100)
+    dribbler = Dribbler()
+    slow = queued_hook(db, key, f"http://127.0.0.1:{dribbler.port}/hook")  # claimed first
+    fast = queued_hook(db, key, f"http://127.0.0.1:{receiver.port}/hook")
+    dispatcher = Dispatcher(settings=settings, db=db)
+    running = threading.Thread(target=dispatcher.run_once)
+    running.start()
+    try:
+        # The fast delivery is recorded while the slow one is still being received.
+        recorded = threading.Event()
+        while not recorded.wait(0.05) and running.is_alive():
+            hook = task(db, fast.id).webhook
+            if hook is not None and hook.state == "delivered":
+                recorded.set()
+        assert recorded.is_set() and not dribbler.closed.is_set()
+    finally:
+        running.join(timeout=30)
+    assert dribbler.closed.wait(5)
+    hook = task(db, slow.id).webhook
+    assert hook is not None and hook.state == "pending"
+    (attempt,) = hook.attempts
+    assert attempt.status_code is None and attempt.error is not None
+    assert attempt.error.startswith("ReadTimeout")
+    dribbler.server.close()
 
 
 def test_a_claim_is_taken_once_and_only_its_holder_moves_the_schedule(

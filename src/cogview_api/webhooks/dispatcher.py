@@ -5,7 +5,9 @@ the database (store/webhooks.py) keeps any number of them from sending one attem
 attempt re-checks the target's addresses (DNS may have changed since the submit) and connects to
 the very address it checked; a refused target is a failed attempt like a refused connection.
 Redirects are not followed, and proxies from the environment are not used: either would send
-the request somewhere that was never checked.
+the request somewhere that was never checked. COGVIEW_WEBHOOK_TIMEOUT_SECONDS bounds a whole
+attempt (DNS, connect, send, the answer's head), not each read: a receiver that dribbles a byte
+at a time cannot hold a dispatcher thread, nor outlive the claim's lease and be sent twice.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from cogview_api.webhooks.addresses import (
     check_url,
     parse_allow_list,
 )
+from cogview_api.webhooks.deadline import deadline as cut_at
+from cogview_api.webhooks.deadline import transport as deadline_transport
 
 log = logging.getLogger(__name__)
 
-# Attempts in flight per process; each claim's lease covers one attempt's timeout and margin.
+# Attempts in flight per process; each claim's lease covers one attempt's overall deadline and
+# a margin for a slow resolver (getaddrinfo cannot be cut) and for recording the attempt.
 CONCURRENCY = 4
 LEASE_MARGIN_S = 30.0
 MAX_ERROR_CHARS = 300
@@ -66,6 +71,7 @@ class Dispatcher:
             timeout=settings.webhook_timeout_seconds,
             follow_redirects=False,
             trust_env=False,
+            transport=deadline_transport(),
             headers={"user-agent": f"cogview-api-webhooks/{__version__}"},
         )
         self._pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="webhook")
@@ -99,9 +105,16 @@ class Dispatcher:
     def run_once(self) -> int:
         """Claim what is due (up to CONCURRENCY), attempt each, record them; how many."""
         claimed = self._claim()
-        for delivery, (status, error) in zip(
-            claimed, self._pool.map(self._attempt, claimed), strict=True
-        ):
+        for future in [self._pool.submit(self._deliver, delivery) for delivery in claimed]:
+            future.result()  # never raises: each attempt is recorded on its own
+        return len(claimed)
+
+    def _deliver(self, delivery: delivery_store.DueDelivery) -> None:
+        """Attempt one delivery and record it as soon as it is done, whatever the others do.
+        A record that cannot be written leaves the delivery to be claimed again after its
+        lease (at least once)."""
+        status, error = self._attempt(delivery)
+        try:
             with self.db.write() as conn:
                 state = delivery_store.record_attempt(
                     conn,
@@ -110,15 +123,17 @@ class Dispatcher:
                     error=error,
                     retry_delays=self.settings.webhook_retry_delays,
                 )
-            log.info(
-                "webhook %s (task %s) attempt %d: %s -> %s",
-                delivery.id,
-                delivery.task_id,
-                delivery.number,
-                status if status is not None else error,
-                state,
-            )
-        return len(claimed)
+        except Exception:
+            log.exception("webhook %s: could not record attempt %d", delivery.id, delivery.number)
+            return
+        log.info(
+            "webhook %s (task %s) attempt %d: %s -> %s",
+            delivery.id,
+            delivery.task_id,
+            delivery.number,
+            status if status is not None else error,
+            state,
+        )
 
     def _claim(self) -> list[delivery_store.DueDelivery]:
         with self.db.read() as conn:
@@ -150,29 +165,39 @@ class Dispatcher:
         return ImageLinks(base=base.rstrip("/"))
 
     def _attempt(self, delivery: delivery_store.DueDelivery) -> tuple[int | None, str | None]:
-        """(status code, None) when the receiver answered, else (None, why not)."""
+        """(status code, None) when the receiver answered, else (None, why not). Never raises:
+        whatever goes wrong with one target is that attempt's failure, and nothing else's."""
+        deadline = time.monotonic() + self.settings.webhook_timeout_seconds
         try:
             target = check_url(delivery.url, self.allow, self.resolve)
+            body = (delivery.body or "").encode()
+            headers = signing.headers(delivery.secret, delivery.id, int(time.time()), body)
+            return self._post(target, body, headers, deadline), None
         except UnsafeTarget as exc:
             return None, f"refused: {exc}"[:MAX_ERROR_CHARS]
-        body = (delivery.body or "").encode()
-        headers = signing.headers(delivery.secret, delivery.id, int(time.time()), body)
-        try:
-            return self._post(target, body, headers), None
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        except Exception as exc:  # e.g. httpx.InvalidURL: the client sees its type, no internals
+            log.warning("webhook %s attempt %d failed", delivery.id, delivery.number, exc_info=True)
+            return None, type(exc).__name__
 
-    def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> int:
-        """POST to the checked address itself, naming the host in Host and TLS SNI; the
-        answer's body is not read."""
+    def _post(self, target: Target, body: bytes, headers: dict[str, str], deadline: float) -> int:
+        """POST to the checked address itself, naming the (ASCII) host in Host and TLS SNI; the
+        answer's body is not read. Every step is cut at `deadline` (time.monotonic())."""
         address = target.addresses[0]
-        userinfo, _, hostport = target.url.netloc.rpartition("@")
+        userinfo = target.url.netloc.rpartition("@")[0]
         netloc = f"[{address}]" if ":" in address else address
         url = target.url._replace(
             netloc=f"{userinfo + '@' if userinfo else ''}{netloc}:{target.port}"
         ).geturl()
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        if target.url.port is not None:
+            host += f":{target.url.port}"
         extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
-        with self._client.stream(
-            "POST", url, content=body, headers={**headers, "host": hostport}, extensions=extensions
-        ) as response:
+        with (
+            cut_at(deadline),
+            self._client.stream(
+                "POST", url, content=body, headers={**headers, "host": host}, extensions=extensions
+            ) as response,
+        ):
             return response.status_code
