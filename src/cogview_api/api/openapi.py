@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from cogview_api.api import examples
 from cogview_api.api.compat_schemas import OpenAIErrorBody, ZhipuErrorBody
 from cogview_api.api.errors import ENVELOPES, Surface
+from cogview_api.api.idempotency import OPENAPI_ANSWER_HEADER, OPENAPI_PARAMETER
 from cogview_api.api.schemas import ErrorBody
 
 DOCS_PATH = "/docs"
@@ -122,6 +123,35 @@ def error_responses(
             "content": {"application/json": example_media(example)},
         }
     return out
+
+
+def sync_generation_docs(
+    surface: Surface,
+    *,
+    body: type[BaseModel],
+    request_examples: dict[str, Any],
+    answer_example: Any,
+) -> dict[str, Any]:
+    """`responses=` and `openapi_extra=` of a synchronous compat route (OpenAI, Zhipu): its
+    body schema and examples, the Idempotency-Key header, the answer, and the errors it can
+    give in its surface's envelope (409 when the task was cancelled while the request waited,
+    504 when it did not finish in time)."""
+    responses: dict[int | str, dict[str, Any]] = {
+        200: {**json_200(answer_example), "headers": OPENAPI_ANSWER_HEADER},
+        **error_responses(
+            surface,
+            *(400, 401, 402, 403, 409, 413, 500, 503, 504),
+            messages={409: f"Task {examples.TASK_ID} was cancelled: Cancelled by the client."},
+        ),
+    }
+    media = {"schema": body.model_json_schema(), **example_media(named=request_examples)}
+    return {
+        "responses": responses,
+        "openapi_extra": {
+            "parameters": [OPENAPI_PARAMETER],
+            "requestBody": {"required": True, "content": {"application/json": media}},
+        },
+    }
 
 
 def install_docs(app: FastAPI) -> None:

@@ -4,7 +4,6 @@ credits as the native API. The official `openai` client works with `base_url` se
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -16,11 +15,7 @@ from cogview_api.api.compat_schemas import (
     OpenAIImagesResponse,
 )
 from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
-from cogview_api.api.idempotency import (
-    OPENAPI_ANSWER_HEADER,
-    OPENAPI_PARAMETER,
-)
-from cogview_api.api.openapi import error_responses, example_media, json_200
+from cogview_api.api.openapi import sync_generation_docs
 from cogview_api.api.waiting import generate_sync
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
@@ -28,33 +23,17 @@ from cogview_api.storage import ImageStorage
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {**json_200(examples.OPENAI_ANSWER), "headers": OPENAPI_ANSWER_HEADER},
-    **error_responses(
-        "openai",
-        *(400, 401, 402, 403, 409, 413, 500, 503, 504),
-        messages={409: f"Task {examples.TASK_ID} was cancelled: Cancelled by the client."},
-    ),
-}
-
 
 @router.post(
     "/images/generations",
     response_model=OpenAIImagesResponse,
     response_model_exclude_none=True,
-    responses=RESPONSES,
-    openapi_extra={
-        "parameters": [OPENAPI_PARAMETER],
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": OpenAIImageCreate.model_json_schema(),
-                    **example_media(named=examples.OPENAI_REQUESTS),
-                }
-            },
-        },
-    },
+    **sync_generation_docs(
+        "openai",
+        body=OpenAIImageCreate,
+        request_examples=examples.OPENAI_REQUESTS,
+        answer_example=examples.OPENAI_ANSWER,
+    ),
     summary="Generate images (OpenAI Images API)",
 )
 async def create_image(
