@@ -149,7 +149,7 @@ def code_version() -> dict[str, Any]:
     }
 
 
-def _cpu_counters_s() -> tuple[float, float] | None:
+def cpu_counters_s() -> tuple[float, float] | None:
     """(busy, steal) CPU seconds of all cores since boot, from Linux /proc/stat, or None."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
@@ -158,6 +158,15 @@ def _cpu_counters_s() -> tuple[float, float] | None:
     # user nice system idle iowait irq softirq steal
     busy = sum(fields[:7]) - fields[3] - fields[4]
     return busy / os.sysconf("SC_CLK_TCK"), fields[7] / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:
@@ -173,9 +182,9 @@ def cpu_audit() -> Iterator[dict[str, Any]]:
     means another job competed for the cores.
     """
     audit: dict[str, Any] = {}
-    start, own0, wall0 = _cpu_counters_s(), _own_cpu_s(), time.perf_counter()
+    start, own0, wall0 = cpu_counters_s(), _own_cpu_s(), time.perf_counter()
     yield audit
-    end, own1, wall = _cpu_counters_s(), _own_cpu_s(), time.perf_counter() - wall0
+    end, own1, wall = cpu_counters_s(), _own_cpu_s(), time.perf_counter() - wall0
     if start is None or end is None:
         audit["other_cpu_s"] = None
         return

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from api_overhead import (
     cpu_audit,
     emit,
     machine_info,
+    process_cpu_s,
     running_server,
     server_env,
 )
@@ -147,15 +147,6 @@ def pollers(task_ids: list[str], clients: int) -> Iterator[Request]:
             return client.get(f"/api/v1/tasks/{next(own)}")
 
         yield poll
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc), or None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_phase(

@@ -43,9 +43,11 @@ from api_overhead import (
     code_version,
     cogview_api_command,
     cogview_process,
+    cpu_counters_s,
     emit,
     free_port,
     machine_info,
+    process_cpu_s,
     server_env,
     wait_for,
 )
@@ -141,15 +143,6 @@ def parse_args() -> argparse.Namespace:
 # -- CPU accounting ---------------------------------------------------------------------------
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc); 0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def postgres_pids(cluster: pg.PgCluster) -> list[int]:
     """The postmaster and its children (backends, writer, ...), from /proc."""
     master = int((cluster.data / "postmaster.pid").read_text().split()[0])
@@ -166,8 +159,12 @@ def postgres_pids(cluster: pg.PgCluster) -> list[int]:
 
 
 def machine_busy_s() -> float:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of all cores since boot, the hypervisor's steal included."""
+    counters = cpu_counters_s()
+    if counters is None:
+        raise RuntimeError("this benchmark needs Linux /proc/stat")
+    busy, steal = counters
+    return busy + steal
 
 
 class CpuMeter:
@@ -181,8 +178,8 @@ class CpuMeter:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         own = resource.getrusage(resource.RUSAGE_SELF)
         return {
-            "api": {p: proc_cpu_s(p) for p in self.api_pids},
-            "postgres": {p: proc_cpu_s(p) for p in postgres_pids(self.cluster)},
+            "api": {p: process_cpu_s(p) or 0.0 for p in self.api_pids},
+            "postgres": {p: process_cpu_s(p) or 0.0 for p in postgres_pids(self.cluster)},
             "wrk": kids.ru_utime + kids.ru_stime,  # wrk runs are the only children reaped
             "bench": own.ru_utime + own.ru_stime,
             "machine": machine_busy_s(),
