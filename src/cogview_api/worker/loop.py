@@ -12,6 +12,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -116,12 +117,9 @@ class Worker:
         if not ids:
             self._recent = {}  # an idle spell: nobody is owed a turn
             return False
-        with self.db.read() as conn:
-            batch = [task_store.get_task(conn, task_id) for task_id in ids]
+        batch = self._load(ids)
         batch += self._top_up(batch)
-        self._recent = {}
-        for t in batch:
-            self._recent[t.key_id] = self._recent.get(t.key_id, 0) + 1
+        self._recent = dict(Counter(t.key_id for t in batch))
         self.run_batch(batch)
         return True
 
@@ -158,10 +156,13 @@ class Worker:
                 break
             more += got
             room -= len(got)
-        if not more:
+        return self._load(more)
+
+    def _load(self, ids: Sequence[str]) -> list[Task]:
+        if not ids:
             return []
         with self.db.read() as conn:
-            return [task_store.get_task(conn, task_id) for task_id in more]
+            return [task_store.get_task(conn, task_id) for task_id in ids]
 
     # -- one batch ------------------------------------------------------------------------
 
