@@ -5,11 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages, installed only if missing: chromium for the browser test (never a
-# downloaded browser), and PostgreSQL's server binaries, from which the tests start a
-# throwaway cluster of their own (the package's default cluster is not used).
+# downloaded browser), PostgreSQL's server binaries, from which the tests start a throwaway
+# cluster of their own (the package's default cluster is not used), and a C++ compiler with
+# Python's headers, with which torch.compile's inductor builds its CPU kernels (the compiled
+# engine test).
 PACKAGES=()
 command -v chromium >/dev/null 2>&1 || PACKAGES+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || PACKAGES+=(postgresql)
+command -v g++ >/dev/null 2>&1 || PACKAGES+=(g++)
+python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || PACKAGES+=(python3-dev)
 if [ "${#PACKAGES[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq

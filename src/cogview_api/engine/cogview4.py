@@ -125,7 +125,9 @@ class CogView4Engine:
         engine = cls(pipe, name=settings.model, device=device, fast=fast)
         if fast is not None and fast.compiled:
             with torch.inference_mode(), _out_of_memory_at_load(device):
-                fast.warmup(settings.compile_size_list)
+                fast.warm_up_compiled(
+                    settings.compile_size_list, fall_back=settings.torch_compile == "auto"
+                )
         return engine
 
     def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image]]:

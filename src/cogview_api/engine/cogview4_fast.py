@@ -4,10 +4,11 @@ Each change keeps the image of the stock `CogView4Pipeline` for the same seed (w
 reassociation, see docs/architecture.md), proven in tests/unit/test_engine_fidelity.py:
 
 - cond and uncond rows of every image go through ONE transformer forward. Texts of different
-  lengths are padded to a common length with zeros and those extra tokens are masked as keys by
-  `MaskedAttnProcessor` (the stock processor turns its mask into an additive 0/1 bias that does
-  not mask, diffusers #13621). The stock pipeline's own left-padding to a multiple of 16 is part
-  of its computation and stays attended.
+  lengths are left-padded to a common length with zeros and `MaskedAttnProcessor` leaves those
+  extra tokens out of every row's keys, by slicing rather than masking, so SDPA keeps its fused
+  kernel (the stock processor turns its mask into an additive 0/1 bias that does not mask,
+  diffusers #13621). The stock pipeline's own left-padding to a multiple of 16 is part of its
+  computation and stays attended.
 - several jobs of one (size, steps, guidance) run in one denoising loop; each image draws its
   latents from its own CPU generator exactly as the stock pipeline draws them for that seed alone;
   a job whose progress callback returns False leaves the batch at that step.
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ from torch import nn
 from cogview_api.engine.cogview4_attention import MaskedAttnProcessor
 from cogview_api.engine.cogview4_quant import check_fp8_device, quantize_fp8, quantize_int8
 from cogview_api.engine.cogview4_stepcache import StepCache
+from cogview_api.errors import EngineLoadError
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +69,31 @@ class _Rows:
     (guidance <= 1, as in the stock pipeline) only the cond rows."""
 
     latents: torch.Tensor  # (images, C, h, w), float32 as in the stock loop
-    cond: torch.Tensor  # (images, L, D), zero-padded to a common L
+    cond: torch.Tensor  # (images, L, D), zero-padded in front to a common L
     uncond: torch.Tensor
-    cond_mask: torch.Tensor  # (images, L) bool, False on the padding we added
-    uncond_mask: torch.Tensor
+    cond_pad: list[int]  # how many of each row's L text positions are our padding
+    uncond_pad: list[int]
     group: list[int]
     cfg: bool
+    _text: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def transformer_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents (in their float32), texts and text masks of the transformer rows."""
-        if not self.cfg:
-            return self.latents, self.cond, self.cond_mask
-        return (
-            torch.cat([self.latents, self.latents]),
-            torch.cat([self.cond, self.uncond]),
-            torch.cat([self.cond_mask, self.uncond_mask]),
-        )
+    def text_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Texts of the transformer rows and their key mask (True on real tokens; None when no
+        row is padded). Built once per set of rows: the attention works out its runs once per
+        mask object."""
+        if self._text is None:
+            text = torch.cat([self.cond, self.uncond]) if self.cfg else self.cond
+            pads = self.cond_pad + self.uncond_pad if self.cfg else self.cond_pad
+            mask = None
+            if any(pads):
+                positions = torch.arange(text.shape[1], device=text.device)
+                mask = positions[None, :] >= torch.tensor(pads, device=text.device)[:, None]
+            self._text = (text, mask)
+        return self._text
+
+    def transformer_latents(self) -> torch.Tensor:
+        """Latents of the transformer rows, in their float32."""
+        return torch.cat([self.latents, self.latents]) if self.cfg else self.latents
 
     def keep(self, images: list[int]) -> torch.Tensor:
         """Keep only these images; returns the transformer rows they had."""
@@ -92,8 +104,10 @@ class _Rows:
             self.cond[index],
             self.uncond[index],
         )
-        self.cond_mask, self.uncond_mask = self.cond_mask[index], self.uncond_mask[index]
+        self.cond_pad = [self.cond_pad[i] for i in images]
+        self.uncond_pad = [self.uncond_pad[i] for i in images]
         self.group = [self.group[i] for i in images]
+        self._text = None
         return torch.cat([index, index + count]) if self.cfg else index
 
 
@@ -117,6 +131,7 @@ class FastCogView4:
         device: str,
         text_encoder_mode: str = "gpu",
         compile_blocks: bool = False,
+        compile_backend: str | Callable[..., Any] = "inductor",
         step_cache_threshold: float | None = None,
         fp8: bool = False,
     ) -> None:
@@ -145,9 +160,13 @@ class FastCogView4:
         if compile_blocks:
             # Compiled wrappers share the modules; the stock path keeps calling them eagerly.
             # Dynamic shapes: batch rows, text length and image size vary between batches;
-            # static graphs would recompile for each and hit dynamo's recompile limit. The heavy
-            # ops (GEMMs, SDPA) are library kernels either way.
-            self.blocks = [torch.compile(block, dynamic=True) for block in self.blocks]
+            # static graphs would recompile for each and hit dynamo's recompile limit. All
+            # blocks share one class, so they share the compiled graphs (dynamo inlines the
+            # modules and treats their weights as inputs). The heavy ops (GEMMs, SDPA) are
+            # library kernels either way.
+            self.blocks = [
+                torch.compile(block, dynamic=True, backend=compile_backend) for block in self.blocks
+            ]
         self.last_step_cache: StepCache | None = None
 
     # -- text --------------------------------------------------------------------------------
@@ -233,7 +252,8 @@ class FastCogView4:
         for i, t in enumerate(timesteps):
             if not rows.group:
                 break
-            latent_in, text, mask = rows.transformer_inputs()
+            latent_in = rows.transformer_latents()
+            text, mask = rows.text_inputs()
             count = latent_in.shape[0]
             pred = self._forward(
                 latent_in.to(self.dtype),
@@ -241,7 +261,7 @@ class FastCogView4:
                 t.expand(count),
                 [c.expand(count, 2) for c in conditions],
                 rope,
-                None if bool(mask.all()) else mask,
+                mask,
                 cache,
             )
             if rows.cfg:
@@ -269,21 +289,21 @@ class FastCogView4:
         length = max(e.shape[1] for e in embeds.values())
         cond: list[torch.Tensor] = []
         uncond: list[torch.Tensor] = []
-        cond_mask: list[torch.Tensor] = []
-        uncond_mask: list[torch.Tensor] = []
+        cond_pad: list[int] = []
+        uncond_pad: list[int] = []
         latents: list[torch.Tensor] = []
         group: list[int] = []
         channels = self.pipe.transformer.config.in_channels
         scale = self.pipe.vae_scale_factor
         for g, job in enumerate(jobs):
             for seed in job.seeds:
-                for text, out, mask in (
-                    (job.prompt, cond, cond_mask),
-                    (negatives[g], uncond, uncond_mask),
+                for text, out, pads in (
+                    (job.prompt, cond, cond_pad),
+                    (negatives[g], uncond, uncond_pad),
                 ):
-                    padded, real = _left_pad(embeds[text], length)
+                    padded, pad = _left_pad(embeds[text], length)
                     out.append(padded)
-                    mask.append(real)
+                    pads.append(pad)
                 # As `randn_tensor` draws row i of a stock batch from generator i on the CPU.
                 generator = torch.Generator("cpu").manual_seed(seed)
                 shape = (1, channels, height // scale, width // scale)
@@ -293,8 +313,8 @@ class FastCogView4:
             latents=torch.cat(latents).to(self.device),
             cond=torch.cat(cond),
             uncond=torch.cat(uncond),
-            cond_mask=torch.cat(cond_mask),
-            uncond_mask=torch.cat(uncond_mask),
+            cond_pad=cond_pad,
+            uncond_pad=uncond_pad,
             group=group,
             cfg=cfg,
         )
@@ -363,6 +383,29 @@ class FastCogView4:
 
     # -- start-up -----------------------------------------------------------------------------
 
+    def warm_up_compiled(self, sizes: Sequence[tuple[int, int]], *, fall_back: bool) -> None:
+        """Compile now, by warming up each size. A compiler failure (inductor or Triton missing
+        a tool, an unsupported op) either stops the start with `EngineLoadError`, or with
+        `fall_back` is logged and the blocks run eagerly: slower, same images."""
+        try:
+            self.warmup(sizes)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # the compiler stack raises many types; all mean "not compiled"
+            if not fall_back:
+                raise EngineLoadError(
+                    f"torch.compile failed ({type(exc).__name__}: {exc}); set "
+                    "COGVIEW_TORCH_COMPILE=off to run the transformer blocks eagerly."
+                ) from exc
+            log.warning(
+                "torch.compile failed (%s: %s); running the transformer blocks eagerly "
+                "(same images, slower). COGVIEW_TORCH_COMPILE=off skips the attempt.",
+                type(exc).__name__,
+                exc,
+            )
+            self.blocks = list(self.pipe.transformer.transformer_blocks)
+            self.compiled = False
+
     def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> None:
         """Run each (width, height) once alone and once as a padded batch of two texts, so the
         compiled blocks have their graphs (without and with a text mask) and every kernel its
@@ -394,12 +437,10 @@ class FastCogView4:
         self.pipe.text_encoder.to(self._text_device)
 
 
-def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, L, D) -> (1, length, D) with zeros in front, and the mask of real positions."""
+def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
+    """(1, L, D) -> (1, length, D) with zeros in front, and how many positions were added."""
     missing = length - embeds.shape[1]
-    mask = torch.ones((1, length), dtype=torch.bool, device=embeds.device)
     if not missing:
-        return embeds, mask
-    mask[:, :missing] = False
+        return embeds, 0
     pad = embeds.new_zeros((1, missing, embeds.shape[2]))
-    return torch.cat([pad, embeds], dim=1), mask
+    return torch.cat([pad, embeds], dim=1), missing
