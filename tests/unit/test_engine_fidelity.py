@@ -24,7 +24,7 @@ from cogview_api.config import Settings
 from cogview_api.domain import PRESET_SIZES
 from cogview_api.engine import EngineJob
 from cogview_api.engine.cogview4 import CogView4Engine
-from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
+from cogview_api.engine.cogview4_fast import FastCogView4, FastJob, stream_from_cpu
 from cogview_api.errors import EngineLoadError
 from tests.conftest import make_settings
 
@@ -215,6 +215,25 @@ def test_text_encoder_modes_give_the_same_image(engine: CogView4Engine, settings
         [latents] = fast_latents(other.fast, [job])
         assert latents is not None and reference is not None
         assert max_diff(latents, reference) <= LATENT_TOL
+
+
+def test_offload_streams_glm_weights_per_layer_and_gives_the_same_embeddings(
+    engine: CogView4Engine, settings: Settings
+) -> None:
+    """COGVIEW_TEXT_ENCODER=offload on CUDA: GLM's weights stay in CPU memory and each leaf
+    module's visit the device only for its own forward (here the "device" is the CPU too, so
+    this checks the hooks and that nothing stays resident, not the copies)."""
+    streamed = CogView4Engine.load(settings)  # its own pipeline: the hooks change its modules
+    assert streamed.fast is not None and engine.fast is not None
+    stream_from_cpu(streamed.fast.text_encoder, torch.device("cpu"))
+    for prompt in ["", PROMPTS[1], LONG]:
+        with torch.inference_mode():
+            ours = streamed.fast._encode_one(prompt)
+            resident = engine.fast._encode_one(prompt)
+        assert torch.equal(ours, resident), prompt
+    view = streamed.fast.text_encoder
+    held = {p.device.type for p in view.parameters()}
+    assert held == {"meta"}, "between forwards no GLM weight is held where it runs"
 
 
 def test_stock_engine_is_still_available(engine: CogView4Engine, settings: Settings) -> None:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REAL_MODEL_GPU_GB = 40  # everything resident in bf16, with room for 2048-pixel activations
+REAL_MODEL_GPU_GB = 40  # everything resident in bf16 at ~1 MP (bench/memory_estimate.py: ~34-38 GB)
 
 
 def resolve_device(requested: str) -> str:
@@ -218,10 +218,16 @@ class CogView4Engine:
             raise EngineError(f"The engine failed on this task: {type(exc).__name__}.") from exc
 
     def _decode(self, latents: torch.Tensor) -> list[Image]:
-        """What the pipeline does after its loop for `output_type="pil"`, same operations."""
+        """What the pipeline does after its loop for `output_type="pil"`, same operations, one
+        image at a time: the VAE's activations at full resolution are the largest tensors of a
+        task (about 3.2 GB per 1024*1024 image in bf16, bench/memory_estimate.py), so decoding
+        a job's four images together would need four times that at once."""
         vae = self.pipe.vae
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
-        return list(self.pipe.image_processor.postprocess(decoded[0], output_type="pil"))
+        images: list[Image] = []
+        for row in latents.split(1):
+            decoded = vae.decode(row.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+            images += self.pipe.image_processor.postprocess(decoded[0], output_type="pil")
+        return images
 
 
 def _batches(jobs: Sequence[EngineJob]) -> list[list[int]]:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +121,8 @@ class FastJob:
 
 class FastCogView4:
     """Runs batches of jobs of one (size, steps, guidance) on a loaded `CogView4Pipeline`,
-    sharing its weights (the stock pipeline stays usable on the same modules)."""
+    sharing its weights (the stock pipeline stays usable on the same modules, except after the
+    `offload` text-encoder mode has put GLM's on `meta` between uses)."""
 
     def __init__(
         self,
@@ -177,8 +177,7 @@ class FastCogView4:
         wanted = [p for p in dict.fromkeys(prompts) if p != "" or self._empty_negative is None]
         out: dict[str, torch.Tensor] = {}
         if wanted:
-            with self._text_encoder_on_device():
-                out = {p: self._encode_one(p) for p in wanted}
+            out = {p: self._encode_one(p) for p in wanted}
         if "" in out:
             self._empty_negative = out[""]
         if "" in prompts and self._empty_negative is not None:
@@ -203,19 +202,6 @@ class FastCogView4:
 
     def _encoder_device(self) -> torch.device:
         return self.device if self.text_encoder_mode == "offload" else self._text_device
-
-    @contextmanager
-    def _text_encoder_on_device(self) -> Iterator[None]:
-        """In offload mode, the text encoder visits the GPU only while it encodes."""
-        if self.text_encoder_mode != "offload":
-            yield
-            return
-        self.text_encoder.to(self.device)
-        try:
-            yield
-        finally:
-            self.text_encoder.to("cpu")
-            torch.cuda.empty_cache()
 
     # -- denoising ----------------------------------------------------------------------------
 
@@ -435,6 +421,19 @@ class FastCogView4:
         if self.text_encoder_mode == "int8":
             quantize_int8(self.pipe.text_encoder)  # where it is (CPU), before it reaches the GPU
         self.pipe.text_encoder.to(self._text_device)
+        if self.text_encoder_mode == "offload":
+            stream_from_cpu(self.text_encoder, self.device)
+
+
+def stream_from_cpu(module: nn.Module, device: torch.device) -> None:
+    """Keep `module`'s weights in CPU memory and bring each leaf module's to `device` only for
+    its own forward (accelerate's `cpu_offload`, the hooks behind diffusers'
+    `enable_sequential_cpu_offload`). In between its parameters are on `meta`, so the device
+    never holds more than one leaf's weights (GLM's embedding, 1.2 GB in bf16, is the largest)
+    beside the transformer. Every encode copies the weights over again (17 GB for GLM)."""
+    from accelerate import cpu_offload
+
+    cpu_offload(module, execution_device=device)
 
 
 def _left_pad(embeds: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
