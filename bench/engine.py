@@ -184,6 +184,13 @@ def engine_settings(args: argparse.Namespace, device: str) -> Any:
     return Settings(**{k: v for k, v in wanted.items() if k in known})
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def make_ours(pipe: Any, settings: Any, device: str) -> tuple[Any, bool]:
     """Our engine on `pipe`'s weights, and whether it wraps them (True) or loaded its own.
 
@@ -408,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                 if k in type(settings).model_fields
             },
             "weights_shared": weights_shared and ours_wraps_pipe,
+            # What torch_compile=auto did: a compiler failure falls back to eager (logged).
+            "compiled": bool(getattr(getattr(ours, "fast", None), "compiled", False)),
         },
+        "compile": {"graphs_after_setup": compiled_graphs(), "graphs_at_end": None},
         "flops": {
             "formula": flops.FORMULA,
             "per_image": per_image,
@@ -464,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     emit_quiet(result, args.json)
     result["other_cpu"] = audit
+    # Equal to graphs_after_setup when no timed call compiled (the warm-up covered them all).
+    result["compile"]["graphs_at_end"] = compiled_graphs()
     result["complete"] = True
     emit(result, args.json)
     print_table(result)

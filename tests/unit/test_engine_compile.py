@@ -57,20 +57,22 @@ def graphs() -> int:
 
 
 @pytest.mark.parametrize(
-    ("jobs", "size", "padded"),
+    ("jobs", "size", "padded", "guidance"),
     [
-        ([FastJob(PROMPTS[0], "", (1,))], WARM, False),
-        ([FastJob(LONG, "", (2,))], (576, 512), True),
-        ([FastJob(p, "", (10 + i,)) for i, p in enumerate(PROMPTS)], (512, 576), True),
-        ([FastJob(PROMPTS[1], "blurry", (3, 4)), FastJob(LONG, "", (5,))], (640, 512), True),
+        ([FastJob(PROMPTS[0], "", (1,))], WARM, False, 3.5),
+        ([FastJob(LONG, "", (2,))], (576, 512), True, 3.5),
+        ([FastJob(p, "", (10 + i,)) for i, p in enumerate(PROMPTS)], (512, 576), True, 3.5),
+        ([FastJob(PROMPTS[1], "blurry", (3, 4)), FastJob(LONG, "", (5,))], (640, 512), True, 3.5),
+        ([FastJob(PROMPTS[2], "", (6,))], (576, 512), False, 1.0),
     ],
-    ids=["warm-size", "other-size-padded", "batch-of-4", "two-images-and-a-negative"],
+    ids=["warm-size", "other-size-padded", "batch-of-4", "two-images-and-a-negative", "one-row"],
 )
 def test_compiled_blocks_give_the_eager_latents_without_compiling_again(
     engines: tuple[FastCogView4, FastCogView4],
     jobs: list[FastJob],
     size: tuple[int, int],
     padded: bool,
+    guidance: float,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Padded batches go through the attention op inside the compiled graph, which reads its
@@ -86,9 +88,9 @@ def test_compiled_blocks_give_the_eager_latents_without_compiling_again(
         return real(mask)
 
     monkeypatch.setattr(cogview4_attention, "text_key_runs", counting)
-    ours = fast_latents(compiled, jobs, *size, steps=2)
+    ours = fast_latents(compiled, jobs, *size, steps=2, guidance_scale=guidance)
     assert len(runs) == int(padded)
-    reference = fast_latents(eager, jobs, *size, steps=2)
+    reference = fast_latents(eager, jobs, *size, steps=2, guidance_scale=guidance)
     assert graphs() == before, "a size or batch shape after the warm-up compiled again"
     for a, b in zip(ours, reference, strict=True):
         assert a is not None and b is not None
@@ -119,3 +121,25 @@ def test_a_compiler_failure_falls_back_to_eager_or_stops_the_start(
     job = [FastJob(PROMPTS[0], "", (7,))]
     [ours], [reference] = fast_latents(broken, job, *WARM, 2), fast_latents(eager, job, *WARM, 2)
     assert ours is not None and reference is not None and torch.equal(ours, reference)
+
+
+def test_a_size_whose_token_count_equals_the_model_width_does_not_pin_the_graphs(
+    engines: tuple[FastCogView4, FastCogView4],
+) -> None:
+    """At 1024x1024 the real model has 4096 image tokens and width 4096. torch's duck sizing
+    would give both one symbol, the weights fix the width, and every other size would
+    recompile. Here the tiny model's width is 32, which 128x64 (8x4 patches) matches: warmed up
+    there, another size must not compile again. Last in this file: it starts dynamo afresh."""
+    eager, _ = engines
+    torch._dynamo.reset()
+    fast = FastCogView4(eager.pipe, device="cpu", compile_blocks=True, compile_backend="aot_eager")
+    with torch.inference_mode():
+        fast.warmup([(128, 64)])
+    warmed = graphs()
+    jobs = [FastJob(PROMPTS[0], "", (1,)), FastJob(LONG, "", (2,))]
+    for size in [(128, 128), (192, 64)]:
+        ours = fast_latents(fast, jobs, *size, steps=2)
+        reference = fast_latents(eager, jobs, *size, steps=2)
+        assert graphs() == warmed, f"{size} compiled again"
+        for a, b in zip(ours, reference, strict=True):
+            assert a is not None and b is not None and max_diff(a, b) <= LATENT_TOL

@@ -67,7 +67,7 @@ class _Rows:
     transformer sees 2 * images rows: cond for every image, then uncond for every image; without
     (guidance <= 1, as in the stock pipeline) only the cond rows."""
 
-    latents: torch.Tensor  # (images, C, h, w), float32 as in the stock loop
+    latents: torch.Tensor  # (images, C, h, w): float32 as drawn, then the transformer's dtype
     cond: torch.Tensor  # (images, L, D), zero-padded in front to a common L
     uncond: torch.Tensor
     cond_pad: list[int]  # how many of each row's L text positions are our padding
@@ -91,7 +91,8 @@ class _Rows:
         return self._text
 
     def transformer_latents(self) -> torch.Tensor:
-        """Latents of the transformer rows, in their float32."""
+        """Latents of the transformer rows (float32 at the first step, then the transformer's
+        dtype: the scheduler returns its model output's, as in the stock loop)."""
         return torch.cat([self.latents, self.latents]) if self.cfg else self.latents
 
     def keep(self, images: list[int]) -> torch.Tensor:
@@ -164,6 +165,11 @@ class FastCogView4:
             # blocks share one class, so they share the compiled graphs (dynamo inlines the
             # modules and treats their weights as inputs). The heavy ops (GEMMs, SDPA) are
             # library kernels either way.
+            # Duck sizing would give dimensions of equal size one symbol: at 1024x1024 the image
+            # has 4096 tokens, the model's width, which the weights pin, so every other size
+            # would recompile. Without it each dimension gets its own symbol. (A process-wide
+            # torch setting; compiling the blocks is the only compile in a worker.)
+            torch.fx.experimental._config.use_duck_shape = False
             self.blocks = [
                 torch.compile(block, dynamic=True, backend=compile_backend) for block in self.blocks
             ]
@@ -393,21 +399,22 @@ class FastCogView4:
             self.compiled = False
 
     def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> None:
-        """Run each (width, height) once alone and once as a padded batch of two texts, so the
-        compiled blocks have their graphs (without and with a text mask) and every kernel its
-        shapes' autotuning before the first task."""
+        """Run each (width, height) once alone, once as a padded batch of two texts and once
+        without guidance (a single transformer row, which torch specializes), so the compiled
+        blocks have their graphs and every kernel its shapes' autotuning before the first task."""
         long_prompt = "warm up " * 12
         for width, height in sizes:
-            for jobs in (
-                [FastJob("warm up", "", (0,))],
-                [FastJob("warm up", "", (0,)), FastJob(long_prompt, "", (1,))],
+            for jobs, guidance in (
+                ([FastJob("warm up", "", (0,))], 2.0),
+                ([FastJob("warm up", "", (0,)), FastJob(long_prompt, "", (1,))], 2.0),
+                ([FastJob("warm up", "", (0,))], 1.0),
             ):
                 self.denoise(
                     jobs,
                     width=width,
                     height=height,
                     steps=steps,
-                    guidance_scale=2.0,
+                    guidance_scale=guidance,
                     on_step=lambda g, s: True,
                 )
 
