@@ -15,7 +15,8 @@ does). Each call ends with PIL images, so both include the VAE decode and post-p
 Runs take turns (stock B, ours B, for each B, the order flipped every round), so drift in the
 machine's speed hits both alike. The first --warmup rounds are not counted (compile, caches).
 With --json the file is rewritten after every round (`"complete": false` until the end), so a
-run cut short still leaves its figures.
+run cut short still leaves its figures. `--variants step-cache,fp8` then times the image-changing
+speed modes on our engine against ours exact: speed and largest pixel difference, same seeds.
 
     .venv/bin/python bench/engine.py --model tiny --size 512x512 --steps 4 --json out.json
     python bench/engine.py --model full-random --size 1024x1024 --quality hd --batch 1,2,4 \\
@@ -46,6 +47,7 @@ from api_overhead import code_version, cpu_audit, emit, machine_info
 PROMPT = "A futuristic robot assistant helping in a modern kitchen, clean design"
 STEPS = {"hd": 50, "standard": 20}  # Settings.steps_hd / steps_standard defaults
 TARGETS = {"ours_over_stock_b1": 1.4, "ours_b4_over_b1_throughput": 1.15, "fraction_of_peak": 0.6}
+VARIANTS = ("step-cache", "fp8")  # in the order they run
 # Settings of our engine recorded with the figures (those this version of Settings has).
 ENGINE_FIELDS = (
     "engine",
@@ -83,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="a Settings field for our engine, e.g. --set torch_compile=off (repeatable)",
     )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="image-changing speed modes to time after the exact rounds, on the same engine "
+        "and seeds, against ours exact: step-cache (COGVIEW_UNSAFE_STEP_CACHE=first-block at "
+        "the settings' threshold), fp8 (COGVIEW_UNSAFE_FP8; CUDA 8.9+; quantizes the shared "
+        "transformer in place, so it runs last); comma-separated",
+    )
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "cogview-api")
     p.add_argument("--json", type=Path, help="also write the JSON result here")
     args = p.parse_args(argv)
@@ -91,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = sorted({int(b) for b in args.batch.split(",")})
     stock = args.stock_batch or args.batch
     args.stock_batches = [] if stock == "none" else sorted({int(b) for b in stock.split(",")})
+    args.variant_list = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variant_list) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    # FP8 changes the shared weights for good: whatever else is asked runs before it.
+    args.variant_list.sort(key=VARIANTS.index)
     return args
 
 
@@ -473,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                 fill(result, runs, first, args, per_image, peak)
                 if args.json:
                     emit_quiet(result, args.json)
+        if args.variant_list:
+            result["variants"] = run_variants(ours, pipe, settings, args, first, runs, cuda)
+            if args.json:
+                emit_quiet(result, args.json)
     result["other_cpu"] = audit
     # Equal to graphs_after_setup when no timed call compiled (the warm-up covered them all).
     result["compile"]["graphs_at_end"] = compiled_graphs()
@@ -480,6 +500,62 @@ def main(argv: list[str] | None = None) -> int:
     emit(result, args.json)
     print_table(result)
     return 0
+
+
+def run_variants(
+    ours: Any,
+    pipe: Any,
+    settings: Any,
+    args: argparse.Namespace,
+    first: dict[str, list[Any]],
+    runs: dict[str, dict[int, list[dict[str, Any]]]],
+    cuda: bool,
+) -> dict[str, Any]:
+    """Each image-changing mode on our engine, after the exact rounds: --warmup uncounted and
+    --repeats counted calls per batch, seconds per image, its speed over ours exact (the exact
+    rounds' median at that batch) and the largest 8-bit pixel difference from ours exact's
+    images of the same seeds."""
+    from cogview_api.engine.cogview4_quant import check_fp8_device, quantize_fp8
+    from cogview_api.errors import EngineLoadError
+
+    fast = ours.fast
+    out: dict[str, Any] = {}
+    for variant in args.variant_list:
+        if variant == "step-cache":
+            fast.step_cache_threshold = settings.step_cache_threshold
+            described = f"first-block step cache, threshold {settings.step_cache_threshold}"
+        else:
+            try:
+                check_fp8_device(fast.device)
+            except EngineLoadError as exc:
+                out[variant] = {"skipped": str(exc)}
+                continue
+            quantize_fp8(pipe.transformer)  # for good: the last variant (parse_args sorts)
+            described = "FP8 attention and feed-forward linears (torchao, per-row scales)"
+        figures: dict[str, Any] = {"what": described}
+        for batch in args.batches:
+            timings = []
+            images: list[Any] = []
+            for i in range(args.warmup + args.repeats):
+                images, timing = timed(lambda b=batch: ours_call(ours, args, b), cuda)
+                print(
+                    f"{variant} batch {batch} call {i}: {timing['wall_s']:.3f} s", file=sys.stderr
+                )
+                if i >= args.warmup:
+                    timings.append(timing)
+            summary = summarise(timings, batch, None, None)
+            exact = statistics.median(r["wall_s"] for r in runs["ours"][batch])
+            summary["speed_over_exact"] = round(exact / summary["median_s"], 4)
+            summary["max_pixel_diff_vs_exact"] = max(
+                max_pixel_diff(a, b) for a, b in zip(images, first[f"ours{batch}"], strict=True)
+            )
+            if variant == "step-cache" and fast.last_step_cache is not None:
+                cache = fast.last_step_cache
+                summary["row_steps_skipped"] = f"{cache.skipped}/{cache.skipped + cache.computed}"
+            figures[str(batch)] = summary
+        out[variant] = figures
+        fast.step_cache_threshold = None
+    return out
 
 
 def fill(
@@ -531,6 +607,16 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{side:5} {b:>5}  {s['seconds_per_image']:7.3f}  {s['images_per_minute']:10.2f}"
                 f"  {gb}  {'-' if frac is None else f'{frac:.3f}'}"
             )
+    for name, figures in result.get("variants", {}).items():
+        for b, v in figures.items():
+            if isinstance(v, dict):
+                lines.append(
+                    f"{name} batch {b}: {v['seconds_per_image']:.3f} s/image, "
+                    f"{v['speed_over_exact']:.2f}x ours exact, "
+                    f"max pixel diff {v['max_pixel_diff_vs_exact']}"
+                )
+        if "skipped" in figures:
+            lines.append(f"{name}: skipped ({figures['skipped']})")
     lines.append(f"ratios: {result['ratios']}")
     lines.append(f"fidelity: {result['fidelity']}")
     lines.append(f"meets targets: {result['meets_targets']}")

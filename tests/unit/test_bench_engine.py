@@ -39,7 +39,7 @@ def test_tiny_run_writes_every_documented_field(tiny_cache: Path, tmp_path: Path
         [sys.executable, str(ROOT / "bench" / "engine.py"), "--model", "tiny",
          "--size", "512x512", "--steps", "1", "--batch", ",".join(map(str, BATCHES)),
          "--warmup", "0", "--repeats", "1", "--device", "cpu",
-         "--cache-dir", str(tiny_cache), "--json", str(out)],
+         "--cache-dir", str(tiny_cache), "--json", str(out), "--variants", "fp8,step-cache"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
         env={k: v for k, v in os.environ.items() if not k.startswith("COGVIEW_")}
         | {"HF_HUB_OFFLINE": "1"},
@@ -74,6 +74,17 @@ def test_tiny_run_writes_every_documented_field(tiny_cache: Path, tmp_path: Path
     assert 0 <= result["fidelity"]["max_pixel_diff_ours_b2_vs_alone"] <= 2
     assert result["memory"]["peak_rss_bytes"] > 100e6
     assert result["flops"]["per_image"] is None and result["machine"]["device"] == "cpu"
+    # Image-changing modes, after the exact rounds (fp8 sorted last whatever the order asked):
+    # the step cache is timed against ours exact at every batch; FP8 is refused on a CPU.
+    variants = result["variants"]
+    assert list(variants) == ["step-cache", "fp8"]
+    assert "COGVIEW_UNSAFE_FP8" in variants["fp8"]["skipped"]
+    for b in map(str, BATCHES):
+        cached = variants["step-cache"][b]
+        assert cached["batch"] == int(b) and len(cached["runs_s"]) == 1
+        assert cached["speed_over_exact"] > 0
+        assert cached["max_pixel_diff_vs_exact"] <= 2  # one step: nothing to reuse yet
+        assert cached["row_steps_skipped"] == f"0/{2 * int(b)}"
 
 
 def test_flop_model_reproduces_the_research_notes() -> None:
