@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,9 +125,16 @@ class CogView4Engine:
                 pipe.to(device)
         engine = cls(pipe, name=settings.model, device=device, fast=fast)
         if fast is not None and fast.compiled:
+            started = time.perf_counter()
             with torch.inference_mode(), _out_of_memory_at_load(device):
                 fast.warm_up_compiled(
                     settings.compile_size_list, fall_back=settings.torch_compile == "auto"
+                )
+            if fast.compiled:
+                log.info(
+                    "transformer blocks compiled and warmed up for %s in %.1f s",
+                    settings.compile_sizes,
+                    time.perf_counter() - started,
                 )
         return engine
 
