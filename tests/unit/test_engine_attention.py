@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cogview_api.engine import cogview4_attention
 from cogview_api.engine.cogview4 import CogView4Engine
-from cogview_api.engine.cogview4_attention import attend_runs, text_key_runs
+from cogview_api.engine.cogview4_attention import attend_runs, left_padding_mask, text_key_runs
 from cogview_api.engine.cogview4_fast import FastJob
 from tests.conftest import make_settings
 from tests.unit.test_engine_fidelity import LONG
@@ -19,9 +19,8 @@ from tests.unit.test_engine_fidelity import LONG
 HEADS, TEXT, IMAGE, DIM = 4, 48, 64, 16
 
 
-def left_padding_mask(pads: list[int]) -> torch.Tensor:
-    positions = torch.arange(TEXT)
-    return positions[None, :] >= torch.tensor(pads)[:, None]
+def mask_of(pads: list[int]) -> torch.Tensor:
+    return left_padding_mask(torch.tensor(pads), TEXT)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +34,7 @@ def test_sliced_runs_equal_sdpa_with_a_boolean_key_mask(pads: list[int]) -> None
         torch.randn(len(pads), HEADS, TEXT + IMAGE, DIM, generator=gen, dtype=torch.float64)
         for _ in range(3)
     )
-    mask = left_padding_mask(pads)
+    mask = mask_of(pads)
     keys = torch.cat([mask, torch.ones(len(pads), IMAGE, dtype=torch.bool)], dim=1)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
     flat = attend_runs(q, k, v, text_key_runs(mask))  # (rows, seq, heads * dim)
@@ -49,7 +48,7 @@ def test_sliced_runs_equal_sdpa_with_a_boolean_key_mask(pads: list[int]) -> None
 
 
 def test_runs_group_consecutive_rows_with_the_same_padding() -> None:
-    assert text_key_runs(left_padding_mask([0, 0, 32, 16, 16, 0])) == [
+    assert text_key_runs(mask_of([0, 0, 32, 16, 16, 0])) == [
         (0, 2, 0),
         (2, 3, 32),
         (3, 5, 16),
@@ -58,7 +57,7 @@ def test_runs_group_consecutive_rows_with_the_same_padding() -> None:
 
 
 def test_a_mask_that_is_not_left_padding_is_refused() -> None:
-    mask = left_padding_mask([0, 16]).flip(1)  # right padding
+    mask = mask_of([0, 16]).flip(1)  # right padding
     with pytest.raises(ValueError, match="left padding"):
         text_key_runs(mask)
 

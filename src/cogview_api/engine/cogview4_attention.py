@@ -23,12 +23,18 @@ from diffusers.models.transformers.transformer_cogview4 import CogView4AttnProce
 Run = tuple[int, int, int]
 
 
+def left_padding_mask(pads: torch.Tensor, length: int) -> torch.Tensor:
+    """(rows, length) bool, True on each row's real tokens: those after its `pads[row]`
+    padded ones."""
+    positions = torch.arange(length, device=pads.device)
+    return positions[None, :] >= pads[:, None]
+
+
 def text_key_runs(text_mask: torch.Tensor) -> list[Run]:
     """The runs of a (rows, text_len) bool mask that is True on a suffix of each row (the
     real tokens after left padding)."""
     pads = (~text_mask).sum(dim=1)
-    positions = torch.arange(text_mask.shape[1], device=text_mask.device)
-    if not torch.equal(text_mask, positions[None, :] >= pads[:, None]):
+    if not torch.equal(text_mask, left_padding_mask(pads, text_mask.shape[1])):
         raise ValueError("the text mask must mark left padding: False before True in each row")
     runs: list[Run] = []
     for row, pad in enumerate(pads.tolist()):

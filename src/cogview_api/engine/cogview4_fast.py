@@ -34,7 +34,7 @@ from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift, retrieve_timesteps
 from torch import nn
 
-from cogview_api.engine.cogview4_attention import MaskedAttnProcessor
+from cogview_api.engine.cogview4_attention import MaskedAttnProcessor, left_padding_mask
 from cogview_api.engine.cogview4_quant import check_fp8_device, quantize_fp8, quantize_int8
 from cogview_api.engine.cogview4_stepcache import StepCache
 from cogview_api.errors import EngineLoadError
@@ -85,8 +85,7 @@ class _Rows:
             pads = self.cond_pad + self.uncond_pad if self.cfg else self.cond_pad
             mask = None
             if any(pads):
-                positions = torch.arange(text.shape[1], device=text.device)
-                mask = positions[None, :] >= torch.tensor(pads, device=text.device)[:, None]
+                mask = left_padding_mask(torch.tensor(pads, device=text.device), text.shape[1])
             self._text = (text, mask)
         return self._text
 
