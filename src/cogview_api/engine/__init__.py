@@ -1,6 +1,8 @@
 """The engine seam. Only `cogview4*.py` and the model builders (`tiny.py`, `full_random.py`)
 import torch or diffusers, and they are imported lazily by `load_engine`, so the API process
-never loads torch.
+never loads torch, and the package installs without them: they come with the `engine` extra
+(`pip install "cogview-api[engine]"`), and a start that needs them without it is refused with
+that sentence.
 """
 
 from __future__ import annotations
@@ -9,11 +11,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from cogview_api.errors import EngineLoadError
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from cogview_api.config import Settings
     from cogview_api.domain import Task
+
+# The distributions of the `engine` extra (pyproject.toml) that the engine modules import.
+ENGINE_PACKAGES = frozenset(
+    {"torch", "diffusers", "transformers", "tokenizers", "safetensors", "accelerate"}
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,15 @@ def load_engine(settings: Settings) -> Engine:
         from cogview_api.engine.echo import EchoEngine
 
         return EchoEngine(settings)
-    from cogview_api.engine.cogview4 import CogView4Engine
-
+    try:
+        from cogview_api.engine.cogview4 import CogView4Engine
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in ENGINE_PACKAGES:
+            raise
+        raise EngineLoadError(
+            f"the model {settings.model!r} needs {missing}, which is not installed: install"
+            ' the engine extra, `pip install "cogview-api[engine]"` (in a checkout:'
+            ' `pip install -e ".[engine]"`).'
+        ) from exc
     return CogView4Engine.load(settings)
