@@ -22,8 +22,10 @@ if [ "${#PACKAGES[@]}" -gt 0 ]; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# torch==2.13.0 first, so pip keeps the CPU build instead of pulling the CUDA wheels.
-.venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
+# torch==2.13.0 named in the same command, so pip keeps the CPU build that this machine has
+# (and CI's) instead of pulling the CUDA wheels; elsewhere see the README's install section.
+# Every other package at the version in constraints.txt, the same set the Dockerfile installs.
+.venv/bin/pip install -q "torch==2.13.0" -e ".[engine,test,dev]" -c constraints.txt
 # The PostgreSQL variants of the store tests fail, not skip, when the server is missing.
 export COGVIEW_TEST_REQUIRE_PG=1
 exec .venv/bin/pytest -q "$@"
