@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the tests need on a fresh Debian/Ubuntu machine, then run them.
+# Install everything the tests need on a fresh Debian/Ubuntu machine, run the static checks
+# (ruff, mypy, import-linter), then the tests.
 # Used as-is by CI (.ci/run). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,14 @@ fi
 # (and CI's) instead of pulling the CUDA wheels; elsewhere see the README's install section.
 # Every other package at the version in constraints.txt, the same set the Dockerfile installs.
 .venv/bin/pip install -q "torch==2.13.0" -e ".[engine,test,dev]" -c constraints.txt
+
+# Static checks first, so CI fails on them: lint, formatting, types (pyproject's [tool.mypy]),
+# and the layering contracts in .importlinter (a new upward import fails here).
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
+.venv/bin/mypy --strict src
+.venv/bin/lint-imports --no-cache
+
 # The PostgreSQL variants of the store tests fail, not skip, when the server is missing.
 export COGVIEW_TEST_REQUIRE_PG=1
 exec .venv/bin/pytest -q "$@"
