@@ -13,10 +13,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from cogview_api.clock import utcnow
 from cogview_api.services import keys as key_service
 from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store.db import Database
-from cogview_api.store.tables import idempotency_keys, tasks, utcnow
+from cogview_api.store.tables import idempotency_keys, tasks
 from tests.support import EXAMPLE_BODY, InProcessApi, auth, background_worker
 
 SUBMIT = "/api/v1/images/generations"

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from cogview_api.webhooks import addresses
+from cogview_api import addresses
 from tests.support import EXAMPLE_BODY, InProcessApi, auth
 
 

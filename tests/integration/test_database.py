@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
+from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Size
 from cogview_api.errors import InvalidRequest, ServiceUnavailable
@@ -23,7 +24,7 @@ from cogview_api.services import keys as key_service
 from cogview_api.store import keys as key_store
 from cogview_api.store import queue
 from cogview_api.store.db import Database, alembic_config
-from cogview_api.store.tables import metadata, utcnow
+from cogview_api.store.tables import metadata
 from tests.pg import PgCluster
 from tests.support import CLI, free_port, server_env
 

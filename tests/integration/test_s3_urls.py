@@ -25,11 +25,12 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from cogview_api.api.present import ImageLinks
+from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import ImageRecord
 from cogview_api.storage import PRESIGN_MAX_SECONDS, open_storage
 from cogview_api.storage.s3 import S3Storage
-from cogview_api.store.tables import images, tasks, utcnow
+from cogview_api.store.tables import images, tasks
 from cogview_api.worker.loop import Worker
 from tests.conftest import make_settings
 from tests.integration.conftest import AWS_ENV, MotoServer

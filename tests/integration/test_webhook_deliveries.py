@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Size, Task, TaskState
 from cogview_api.services import generation
@@ -23,7 +24,7 @@ from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
 from cogview_api.store import webhooks as delivery_store
 from cogview_api.store.db import Database
-from cogview_api.store.tables import utcnow, webhook_deliveries
+from cogview_api.store.tables import webhook_deliveries
 from cogview_api.webhooks.dispatcher import Dispatcher
 from cogview_api.worker.loop import Worker
 from tests.support import FlakyEngine, free_port

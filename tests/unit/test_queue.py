@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Size, TaskState
 from cogview_api.errors import InsufficientCredits
@@ -18,7 +19,6 @@ from cogview_api.store import keys as key_store
 from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
-from cogview_api.store.tables import utcnow
 from cogview_api.worker.loop import Worker
 from tests.support import FlakyEngine
 

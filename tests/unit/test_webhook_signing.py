@@ -11,14 +11,14 @@ import hmac
 import pytest
 from pydantic import ValidationError
 
-from cogview_api.config import Settings
-from cogview_api.webhooks import signing
-from cogview_api.webhooks.addresses import (
+from cogview_api import signing
+from cogview_api.addresses import (
     AllowList,
     UnsafeTarget,
     check_url,
     parse_allow_list,
 )
+from cogview_api.config import Settings
 
 # The test vector published with the Standard Webhooks reference libraries.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -95,7 +95,7 @@ def test_a_refusal_names_no_internal_address_but_the_log_does(
     point; the operator's log says it."""
     internal = resolver({"db.internal": ["10.1.2.3"]})
     with (
-        caplog.at_level("INFO", logger="cogview_api.webhooks.addresses"),
+        caplog.at_level("INFO", logger="cogview_api.addresses"),
         pytest.raises(UnsafeTarget) as refused,
     ):
         check_url("https://db.internal/cb", AllowList(), internal)

@@ -17,9 +17,9 @@ from cogview_api.api.schemas import (
     WebhookAttemptPublic,
     WebhookPublic,
 )
+from cogview_api.clock import utcnow
 from cogview_api.domain import ImageRecord, Task, WebhookDelivery
 from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
-from cogview_api.store.tables import utcnow
 
 # Signs a GET URL for a storage key, valid the given seconds: `PresignedUrls.presigned_url`.
 Presign = Callable[[str, int], str]

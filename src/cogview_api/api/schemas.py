@@ -7,6 +7,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cogview_api.addresses import check_syntax
 from cogview_api.api.inputs import check_model, clean_prompt
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
@@ -17,7 +18,6 @@ from cogview_api.domain import (
     GenerationRequest,
     parse_size,
 )
-from cogview_api.webhooks.addresses import check_syntax
 
 
 class GenerationCreate(BaseModel):

@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from cogview_api.store.tables import idempotency_keys, utcnow
+from cogview_api.clock import utcnow
+from cogview_api.store.tables import idempotency_keys
 
 # How long a key stands for its first request (shared/API.md §2). Older rows are expired:
 # reusing their key creates a new task, and `claim` deletes them.

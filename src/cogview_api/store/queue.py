@@ -19,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, insert, select, update
 
+from cogview_api.clock import utcnow
 from cogview_api.domain import Stage, Task, TaskState
 from cogview_api.store.notify import announce
-from cogview_api.store.tables import tasks, utcnow, workers
+from cogview_api.store.tables import tasks, workers
 from cogview_api.store.tasks import fail_task
 
 

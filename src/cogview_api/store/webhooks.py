@@ -17,15 +17,15 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, insert, select, update
 
+from cogview_api.clock import utcnow
 from cogview_api.domain import WebhookAttempt, WebhookDelivery
+from cogview_api.signing import new_message_id
 from cogview_api.store.tables import (
     api_keys,
     tasks,
-    utcnow,
     webhook_attempts,
     webhook_deliveries,
 )
-from cogview_api.webhooks.signing import new_message_id
 
 PENDING = "pending"  # due at next_attempt_at
 DELIVERED = "delivered"  # a 2xx answer; terminal

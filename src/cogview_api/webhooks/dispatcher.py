@@ -20,7 +20,14 @@ from dataclasses import replace
 
 import httpx
 
-from cogview_api import __version__
+from cogview_api import __version__, signing
+from cogview_api.addresses import (
+    Resolver,
+    Target,
+    UnsafeTarget,
+    check_url,
+    parse_allow_list,
+)
 from cogview_api.api.present import ImageLinks, task_public
 from cogview_api.config import Settings
 from cogview_api.domain import Task
@@ -28,14 +35,6 @@ from cogview_api.errors import CogviewError
 from cogview_api.store import tasks as task_store
 from cogview_api.store import webhooks as delivery_store
 from cogview_api.store.db import Database
-from cogview_api.webhooks import signing
-from cogview_api.webhooks.addresses import (
-    Resolver,
-    Target,
-    UnsafeTarget,
-    check_url,
-    parse_allow_list,
-)
 from cogview_api.webhooks.deadline import deadline as cut_at
 from cogview_api.webhooks.deadline import transport as deadline_transport
 

@@ -16,16 +16,17 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import ImageRecord, Stage, Task, new_image_token
 from cogview_api.engine import Engine, EngineJob
 from cogview_api.errors import CogviewError, EngineError
+from cogview_api.media import CONTENT_TYPES
 from cogview_api.storage import ImageStorage
 from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
-from cogview_api.store.tables import utcnow
-from cogview_api.worker.encode import CONTENT_TYPES, encode_image
+from cogview_api.worker.encode import encode_image
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from fastapi.responses import Response
 
 from cogview_api.api.deps import DbDep, StorageDep
 from cogview_api.api.openapi import error_responses
+from cogview_api.clock import utcnow
 from cogview_api.errors import NotFound
+from cogview_api.media import CONTENT_TYPES
 from cogview_api.store import tasks as task_store
-from cogview_api.store.tables import utcnow
-from cogview_api.worker.encode import CONTENT_TYPES
 
 router = APIRouter(tags=["images"])
 

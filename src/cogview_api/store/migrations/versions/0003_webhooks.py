@@ -25,7 +25,7 @@ depends_on = None
 
 
 def _new_secret() -> str:
-    # A copy of webhooks.signing.new_secret: a migration must not change when the app does.
+    # A copy of signing.new_secret: a migration must not change when the app does.
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 

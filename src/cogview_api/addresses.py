@@ -7,7 +7,8 @@ network holding the address, in COGVIEW_WEBHOOK_ALLOW_HOSTS. The check runs at s
 before every delivery, whose connection then goes to the very address that was checked, so a
 DNS answer that changes in between (rebinding) cannot redirect it.
 
-Stdlib only: `config` imports the parsers below.
+A leaf (stdlib only): `config` imports the parsers below, the submit (services) and the
+dispatcher the checks.
 """
 
 from __future__ import annotations
