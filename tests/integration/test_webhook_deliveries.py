@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from cogview_api.api.present import webhook_payload
 from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Size, Task, TaskState
@@ -115,7 +116,7 @@ def test_a_failing_receiver_is_retried_on_schedule_then_given_up(
     key, _ = key_service.create_key(db, name="k", credits=100)
     doomed = submit(db, hooked, key, HOOK.format(port=free_port()))  # nothing listens there
     generation.cancel(db, key=key, task_id=doomed.id)
-    dispatcher = Dispatcher(settings=hooked, db=db)
+    dispatcher = Dispatcher(settings=hooked, db=db, render=webhook_payload(hooked))
     assert [dispatcher.run_once() for _ in range(4)] == [1, 1, 1, 0]  # 1 + two retries
     hook = task(db, doomed.id).webhook
     assert hook is not None and hook.state == "failed" and hook.next_attempt_at is None
@@ -148,7 +149,12 @@ def test_the_delivery_rechecks_where_the_host_now_resolves(
             max_queue=10,
         )
     generation.cancel(db, key=key, task_id=t.id)
-    rebound = Dispatcher(settings=settings, db=db, resolve=lambda h, p: ["169.254.169.254"])
+    rebound = Dispatcher(
+        settings=settings,
+        db=db,
+        render=webhook_payload(settings),
+        resolve=lambda h, p: ["169.254.169.254"],
+    )
     assert rebound.run_once() == 1
     hook = task(db, t.id).webhook
     assert hook is not None and hook.state == "pending" and hook.next_attempt_at is not None
@@ -230,7 +236,8 @@ def test_one_bad_target_does_not_lose_the_others_of_its_batch(
             raise RuntimeError("resolver bug near 10.9.9.9")
         return ["127.0.0.1"]
 
-    assert Dispatcher(settings=hooked, db=db, resolve=resolve).run_once() == 3
+    dispatcher = Dispatcher(settings=hooked, db=db, render=webhook_payload(hooked), resolve=resolve)
+    assert dispatcher.run_once() == 3
     assert sorted(receiver.hosts) == sorted(
         [f"xn--bcher-kva.test:{receiver.port}", f"127.0.0.1:{receiver.port}"]
     )
@@ -280,7 +287,7 @@ def test_a_dribbling_receiver_is_cut_at_the_deadline_and_holds_up_no_other(
     dribbler = Dribbler()
     slow = queued_hook(db, key, f"http://127.0.0.1:{dribbler.port}/hook")  # claimed first
     fast = queued_hook(db, key, f"http://127.0.0.1:{receiver.port}/hook")
-    dispatcher = Dispatcher(settings=settings, db=db)
+    dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
     running = threading.Thread(target=dispatcher.run_once)
     running.start()
     try:

@@ -18,6 +18,7 @@ from cogview_api.api.schemas import (
     WebhookPublic,
 )
 from cogview_api.clock import utcnow
+from cogview_api.config import Settings
 from cogview_api.domain import ImageRecord, Task, WebhookDelivery
 from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
 
@@ -107,6 +108,25 @@ def task_public(task: Task, base: ImageLinks) -> TaskPublic:
         error=error,
         webhook=webhook_public(task.webhook) if task.webhook else None,
     )
+
+
+def webhook_payload(settings: Settings) -> Callable[[Task], str]:
+    """The webhook dispatcher's renderer: a settled task -> the JSON payload of its webhook.
+
+    The payload is the task object as GET /api/v1/tasks/{id} shows it, minus its `webhook`
+    field, which changes with every attempt while the signed payload must not. Its image URLs
+    are this API's own, also with COGVIEW_IMAGE_URLS=presigned: a payload is fixed at the first
+    attempt and may be retried for hours, and these URLs work for the whole retention.
+    """
+
+    def render(task: Task) -> str:
+        base = task.base_url or settings.public_url
+        if not base:  # a task submitted before base_url was recorded
+            base = f"http://{settings.host}:{settings.port}"
+        links = ImageLinks(base=base.rstrip("/"))
+        return task_public(task, links).model_dump_json(exclude={"webhook"})
+
+    return render
 
 
 def webhook_public(delivery: WebhookDelivery) -> WebhookPublic:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -28,7 +29,6 @@ from cogview_api.addresses import (
     check_url,
     parse_allow_list,
 )
-from cogview_api.api.present import ImageLinks, task_public
 from cogview_api.config import Settings
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
@@ -46,11 +46,10 @@ CONCURRENCY = 4
 LEASE_MARGIN_S = 30.0
 MAX_ERROR_CHARS = 300
 
-
-def render_body(task: Task, links: ImageLinks) -> str:
-    """The payload: the task object as GET /api/v1/tasks/{id} shows it, minus its `webhook`
-    field, which changes with every attempt while the signed payload must not."""
-    return task_public(task, links).model_dump_json(exclude={"webhook"})
+# A settled task -> the JSON payload of its webhook (signed and sent as is, on every attempt).
+# Given by the composition root (server.py: `api.present.webhook_payload`), so the delivery
+# loop does not import the HTTP layer whose task object it sends.
+RenderPayload = Callable[[Task], str]
 
 
 class Dispatcher:
@@ -59,10 +58,12 @@ class Dispatcher:
         *,
         settings: Settings,
         db: Database,
+        render: RenderPayload,
         resolve: Resolver | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
+        self.render = render
         self.resolve = resolve
         self.allow = parse_allow_list(settings.webhook_allow_hosts)
         self.stop = threading.Event()
@@ -148,20 +149,11 @@ class Dispatcher:
             for delivery in claimed:
                 if delivery.body is None:  # first attempt: fix the payload for all of them
                     task = task_store.get_task(conn, delivery.task_id)
-                    body = render_body(task, self._links(task))
+                    body = self.render(task)
                     delivery_store.fix_body(conn, delivery_id=delivery.id, body=body)
                     delivery = replace(delivery, body=body)
                 out.append(delivery)
             return out
-
-    def _links(self, task: Task) -> ImageLinks:
-        """This API's own image URLs, also with COGVIEW_IMAGE_URLS=presigned: a payload is
-        fixed at the first attempt and may be retried for hours, and these URLs work for the
-        whole retention."""
-        base = task.base_url or self.settings.public_url
-        if not base:  # a task submitted before base_url was recorded
-            base = f"http://{self.settings.host}:{self.settings.port}"
-        return ImageLinks(base=base.rstrip("/"))
 
     def _attempt(self, delivery: delivery_store.DueDelivery) -> tuple[int | None, str | None]:
         """(status code, None) when the receiver answered, else (None, why not). Never raises:
