@@ -28,6 +28,7 @@ from cogview_api.api.present import ImageLinks
 from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import ImageRecord
+from cogview_api.services.images import presigner
 from cogview_api.storage import PRESIGN_MAX_SECONDS, open_storage
 from cogview_api.storage.s3 import S3Storage
 from cogview_api.store.tables import images, tasks
@@ -163,7 +164,7 @@ def test_presigned_expiry_is_the_remaining_retention_capped_at_seven_days(
     moto_s3: MotoServer, bucket: str
 ) -> None:
     storage = S3Storage(bucket, PREFIX, endpoint_url=moto_s3.endpoint_url)
-    links = ImageLinks(base="http://api.test", presign=storage.presigned_url)
+    links = ImageLinks(base="http://api.test", presign=presigner("presigned", storage))
     image = ImageRecord(
         token="tok", index=0, width=8, height=8, seed=1, format="png", storage_key="a/0-tok.png"
     )

@@ -20,9 +20,9 @@ from cogview_api.api.schemas import (
 from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import ImageRecord, Task, WebhookDelivery
-from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
 
-# Signs a GET URL for a storage key, valid the given seconds: `PresignedUrls.presigned_url`.
+# Signs a GET URL for a storage key, valid the given seconds (at most SigV4's 7 days):
+# `services.images.presigner`.
 Presign = Callable[[str, int], str]
 
 
@@ -48,17 +48,8 @@ class ImageLinks:
         if self.presign is not None and expires_at is not None:
             seconds = int((expires_at - utcnow()).total_seconds())
             if seconds >= 1:
-                return self.presign(image.storage_key, min(seconds, PRESIGN_MAX_SECONDS))
+                return self.presign(image.storage_key, seconds)
         return image_url(self.base, image.token, image.format)
-
-
-def presigner(mode: str, storage: ImageStorage) -> Presign | None:
-    """The signer that `ImageLinks` needs for `mode`, checked once when the app is built."""
-    if mode == "proxy":
-        return None
-    if not isinstance(storage, PresignedUrls):
-        raise ValueError(f"COGVIEW_IMAGE_URLS={mode} needs S3 storage, not {type(storage)}")
-    return storage.presigned_url
 
 
 def task_public(task: Task, base: ImageLinks) -> TaskPublic:

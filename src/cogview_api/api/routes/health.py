@@ -12,7 +12,7 @@ from cogview_api.api.deps import DbDep, SettingsDep
 from cogview_api.api.errors import error_response
 from cogview_api.api.openapi import error_responses, json_200
 from cogview_api.errors import ServiceUnavailable
-from cogview_api.store import queue
+from cogview_api.services import health as health_service
 
 router = APIRouter(tags=["health"])
 
@@ -42,8 +42,7 @@ def readyz(db: DbDep, settings: SettingsDep) -> Any:
             503, "service_unavailable", "The database is unreachable.", headers={"Retry-After": "5"}
         )
     try:
-        with db.read() as conn:
-            ready = queue.ready_workers(conn, within_seconds=max(30.0, 3 * settings.lease_seconds))
+        ready = health_service.ready_workers(db, settings)
     except ServiceUnavailable:
         ready = 0
     if ready == 0:

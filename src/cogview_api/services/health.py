@@ -1,0 +1,14 @@
+"""Readiness: whether any worker has the model loaded, read from the workers' registry."""
+
+from __future__ import annotations
+
+from cogview_api.config import Settings
+from cogview_api.store import queue
+from cogview_api.store.db import Database
+
+
+def ready_workers(db: Database, settings: Settings) -> int:
+    """Workers with the model loaded whose last heartbeat is at most three leases (and at
+    least 30 s) old. Raises ServiceUnavailable when the database cannot answer."""
+    with db.read() as conn:
+        return queue.ready_workers(conn, within_seconds=max(30.0, 3 * settings.lease_seconds))

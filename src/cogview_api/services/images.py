@@ -1,0 +1,55 @@
+"""Images after their task: the bytes behind `/images/{token}.{fmt}`, and the signer of
+presigned image URLs (COGVIEW_IMAGE_URLS=presigned)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cogview_api.clock import utcnow
+from cogview_api.errors import NotFound
+from cogview_api.media import CONTENT_TYPES
+from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
+from cogview_api.store import tasks as task_store
+from cogview_api.store.db import Database
+
+GONE = "No such image (it may have expired)."
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    data: bytes
+    content_type: str
+    max_age: int  # seconds left of its retention
+
+
+def image_bytes(db: Database, storage: ImageStorage, name: str) -> ImageBytes:
+    """The image named `{token}.{format}` while it is retained; NotFound otherwise (an unknown
+    token, another format's extension, expired, or its object gone from storage)."""
+    token, _, ext = name.rpartition(".")
+    with db.read() as conn:
+        found = task_store.find_image(conn, token)
+    if found is None or found[1] != ext or found[2] <= utcnow():
+        raise NotFound(GONE)
+    key, fmt, expires = found
+    data = storage.get(key)
+    if data is None:
+        raise NotFound(GONE)
+    max_age = max(0, int((expires - utcnow()).total_seconds()))
+    return ImageBytes(data=data, content_type=CONTENT_TYPES[fmt], max_age=max_age)
+
+
+def presigner(mode: str, storage: ImageStorage) -> Callable[[str, int], str] | None:
+    """The signer of image URLs for COGVIEW_IMAGE_URLS=`mode` (None for "proxy"): a GET URL of
+    a storage key, valid the given seconds but at most SigV4's 7 days. Checked once, when the
+    app is built: "presigned" needs a storage that can presign (S3)."""
+    if mode == "proxy":
+        return None
+    if not isinstance(storage, PresignedUrls):
+        raise ValueError(f"COGVIEW_IMAGE_URLS={mode} needs S3 storage, not {type(storage)}")
+    signer: PresignedUrls = storage
+
+    def presign(key: str, seconds: int) -> str:
+        return signer.presigned_url(key, min(seconds, PRESIGN_MAX_SECONDS))
+
+    return presign
