@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--model", help="hub id or folder of CogView4-6B weights, or 'tiny'")
     serve.add_argument("--workers", type=int, help="in-process workers; 0 = API only")
+    serve.add_argument(
+        "--http-processes",
+        type=int,
+        help="HTTP processes sharing the port (default 1); the workers stay in this one",
+    )
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
 
     worker = sub.add_parser("worker", help="a worker process taking tasks from the database")
@@ -63,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("host", "port", "model", "workers", "device")
+        for name in ("host", "port", "model", "workers", "device", "http_processes")
         if getattr(args, name, None) is not None
     }
     return Settings(**overrides)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from cogview_api.api.app import create_app
+from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
 from cogview_api.services.signals import TaskSignals
@@ -84,7 +87,8 @@ def serve(settings: Settings) -> None:
     for t in threads:
         t.start()
     listener = start_listener(settings, db, workers)
-    dispatcher = Dispatcher(settings=settings, db=db)  # webhooks, also with --workers 0
+    # Webhooks, also with --workers 0; their payload is the API's task object.
+    dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
     dispatcher_thread = dispatcher.start()
     with db.read() as conn:
         if not key_store.list_keys(conn):
@@ -98,15 +102,18 @@ def serve(settings: Settings) -> None:
         on_submit=[w.wake.set for w in workers],
         signals=signals,
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
-    )
     try:
-        _Server(config, signals).run()
+        if settings.http_processes > 1:
+            serve_http_processes(settings)
+        else:
+            config = uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level,
+                access_log=settings.log_level == "debug",
+            )
+            _Server(config, signals).run()
     finally:
         if listener is not None:
             listener.stop()
@@ -118,6 +125,36 @@ def serve(settings: Settings) -> None:
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()
+
+
+# `serve --http-processes N`: the settings the HTTP processes build their app from.
+SETTINGS_ENV = "COGVIEW_SERVE_SETTINGS_JSON"
+
+
+def serve_http_processes(settings: Settings) -> None:
+    """N HTTP processes on one port (uvicorn's own supervisor: it restarts one that dies, and
+    stops them all on SIGINT/SIGTERM), while this process keeps the workers and the webhook
+    dispatcher. A waiting request (`Prefer: wait`, a sync compat route, an event stream) is
+    then told of a settled task by its next read of the database (every 0.5 s or less), and
+    on SQLite a new task waits for the workers' next poll, as with separate worker processes;
+    on PostgreSQL LISTEN/NOTIFY wakes them."""
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    uvicorn.run(
+        "cogview_api.server:http_process_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.http_processes,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+    )
+
+
+def http_process_app() -> FastAPI:
+    """The app of one HTTP process of `serve --http-processes N` (uvicorn imports it there)."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def start_listener(settings: Settings, db: Database, workers: list[Worker]) -> Listener | None:
@@ -147,7 +184,7 @@ def run_worker(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     listener = start_listener(settings, db, [worker])
-    dispatcher = Dispatcher(settings=settings, db=db)
+    dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
     dispatcher_thread = dispatcher.start()
     try:
         worker.run()

@@ -10,10 +10,11 @@ from fastapi.staticfiles import StaticFiles
 from cogview_api import __version__
 from cogview_api.api.errors import RequestGuard, install_error_handlers
 from cogview_api.api.openapi import install_docs
-from cogview_api.api.present import presigner
 from cogview_api.api.routes import health, images, native, openai_compat, page, zhipu_compat
 from cogview_api.api.routes.page import STATIC
+from cogview_api.api.serving import GenerationServing
 from cogview_api.config import Settings
+from cogview_api.services.images import presigner
 from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import ImageStorage, open_storage
 from cogview_api.store.db import Database
@@ -43,9 +44,14 @@ def create_app(
         s3_endpoint_url=settings.s3_endpoint_url,
         s3_public_endpoint_url=settings.s3_public_endpoint_url,
     )
-    app.state.presign = presigner(settings.image_urls, app.state.storage)
-    app.state.on_submit = tuple(on_submit)
     app.state.signals = signals or TaskSignals()
+    app.state.serving = GenerationServing(
+        settings=settings,
+        db=app.state.db,
+        signals=app.state.signals,
+        presign=presigner(settings.image_urls, app.state.storage),
+        on_submit=on_submit,
+    )
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai_compat.router)

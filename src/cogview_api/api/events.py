@@ -15,14 +15,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
-
 from cogview_api.api.present import ImageLinks, task_public
-from cogview_api.domain import ApiKey, Task
+from cogview_api.api.serving import GenerationServing
+from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
-from cogview_api.services import generation
-from cogview_api.services.signals import TaskSignals
-from cogview_api.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +36,15 @@ def task_frame(task: Task, base: ImageLinks) -> str:
 
 async def task_stream(
     *,
-    db: Database,
-    key: ApiKey,
+    serving: GenerationServing,
+    secret: str,
     first: Task,
     base: ImageLinks,
-    signals: TaskSignals,
     keepalive_s: float,
 ) -> AsyncIterator[str]:
     """Frames for `first` and each change of it, ending after its terminal state. Cancelled
     (and so ended) by Starlette when the client disconnects."""
+    signals = serving.signals
     task, sent, last_write = first, "", time.monotonic()
     with signals.subscribe(task.id) as settled:
         while True:
@@ -68,7 +64,7 @@ async def task_stream(
             # A worker that lost its lease also signals; the task may still be running.
             settled.clear()
             try:
-                task = await run_in_threadpool(generation.get_task, db, key=key, task_id=task.id)
+                task = await serving.read_task(secret, task.id)
             except CogviewError as exc:  # database unavailable: end; the client reconnects
                 log.warning("event stream of task %s ended: %s", task.id, exc.message)
                 return

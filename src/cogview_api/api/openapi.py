@@ -144,14 +144,21 @@ def sync_generation_docs(
             messages={409: f"Task {examples.TASK_ID} was cancelled: Cancelled by the client."},
         ),
     }
-    media = {"schema": body.model_json_schema(), **example_media(named=request_examples)}
     return {
         "responses": responses,
         "openapi_extra": {
             "parameters": [OPENAPI_PARAMETER],
-            "requestBody": {"required": True, "content": {"application/json": media}},
+            "requestBody": json_request_body(body, request_examples),
         },
     }
+
+
+def json_request_body(body: type[BaseModel], named_examples: dict[str, Any]) -> dict[str, Any]:
+    """The `requestBody` of a route that reads its JSON body itself (the serving object reads
+    it after the key's check, from the raw bytes the Idempotency-Key hash needs), described
+    from the same pydantic model that validates it, with its named examples."""
+    media = {"schema": body.model_json_schema(), **example_media(named=named_examples)}
+    return {"required": True, "content": {"application/json": media}}
 
 
 def install_docs(app: FastAPI) -> None:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from cogview_api.addresses import UnsafeTarget, check_url, parse_allow_list
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
 from cogview_api.errors import CogviewError, Conflict, InvalidRequest, ServiceUnavailable
+from cogview_api.services.keys import authenticate_in
 from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
-from cogview_api.webhooks.addresses import UnsafeTarget, check_url, parse_allow_list
 
 
 @dataclass(frozen=True)
@@ -75,30 +77,102 @@ def submit_idempotent(
         prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
     )
     if idempotency is not None:
-        # Before the callback's DNS check: a retry gets its task even while the host does not
-        # resolve (DNS down, host moved); the check is for a task about to be created.
         with db.read() as conn:
-            prior = idempotency_store.find(conn, key_id=key.id, idem_key=idempotency.value)
+            prior = _prior(conn, key, idempotency)
             if prior is not None:
-                return Submission(_replay(conn, idempotency, prior), replayed=True)
+                return prior
+    return _submit_new(db, settings, key=key, request=request, base_url=base_url, idem=idempotency)
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What a surface read from a submit's body and headers."""
+
+    generation: GenerationRequest
+    idempotency: IdempotencyKey | None = None
+
+
+def submit_for(
+    db: Database,
+    settings: Settings,
+    *,
+    secret: str | None,
+    read_request: Callable[[], SubmitRequest],
+    base_url: str | None = None,
+) -> Submission:
+    """The HTTP submit from a bearer secret, answered as `submit_idempotent` would be after
+    authenticating: a request with no valid key is 401 whatever its body (`read_request`'s
+    InvalidRequest is raised only once the key is good).
+
+    Without an Idempotency-Key or a callback_url, one write transaction checks the key and
+    writes the task. With either, the key's check and the Idempotency-Key's look-up share a
+    read transaction, and the task is written in the next one, after the callback's DNS check
+    (which must not hold a lock)."""
+    try:
+        submit: SubmitRequest | None = read_request()
+        problem: InvalidRequest | None = None
+    except InvalidRequest as exc:  # answered after the key's check, as if read after it
+        submit, problem = None, exc
+    if submit is not None and submit.idempotency is None and not submit.generation.callback_url:
+        # The common submit: nothing to look up and no DNS to wait for, so the key's check
+        # and the insert share one write transaction (a failed check writes nothing).
+        request = submit.generation
+        with db.write() as conn:
+            key = authenticate_in(conn, secret)
+            _refuse_unstorable(request)
+            task = _insert(conn, settings, key=key, request=request, base_url=base_url)
+        return Submission(task, replayed=False)
+    with db.read() as conn:
+        key = authenticate_in(conn, secret)
+        if problem is not None or submit is None:
+            raise problem or InvalidRequest("The request could not be read.")
+        request, idem = submit.generation, submit.idempotency
+        _refuse_unstorable(request)
+        if idem is not None:
+            prior = _prior(conn, key, idem)
+            if prior is not None:
+                return prior
+    return _submit_new(db, settings, key=key, request=request, base_url=base_url, idem=idem)
+
+
+def _refuse_unstorable(request: GenerationRequest) -> None:
+    refuse_unstorable_text(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
+    )
+
+
+def _prior(conn: Connection, key: ApiKey, idem: IdempotencyKey) -> Submission | None:
+    """The task an earlier request with this Idempotency-Key made, if any. Looked up before
+    the callback's DNS check: a retry gets its task even while the host does not resolve (DNS
+    down, host moved); the check is for a task about to be created."""
+    prior = idempotency_store.find(conn, key_id=key.id, idem_key=idem.value)
+    return None if prior is None else Submission(_replay(conn, idem, prior), replayed=True)
+
+
+def _submit_new(
+    db: Database,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    request: GenerationRequest,
+    base_url: str | None,
+    idem: IdempotencyKey | None,
+) -> Submission:
     refuse_unsafe_callback(request.callback_url, settings)
     for _ in range(_CLAIM_PASSES):
         try:
             with db.write() as conn:
-                if idempotency is not None:
-                    prior = idempotency_store.find(conn, key_id=key.id, idem_key=idempotency.value)
+                if idem is not None:
+                    prior = _prior(conn, key, idem)
                     if prior is not None:
-                        return Submission(_replay(conn, idempotency, prior), replayed=True)
+                        return prior
                     idempotency_store.claim(
-                        conn,
-                        key_id=key.id,
-                        idem_key=idempotency.value,
-                        request_hash=idempotency.request_hash,
+                        conn, key_id=key.id, idem_key=idem.value, request_hash=idem.request_hash
                     )
                 task = _insert(conn, settings, key=key, request=request, base_url=base_url)
-                if idempotency is not None:
+                if idem is not None:
                     idempotency_store.attach(
-                        conn, key_id=key.id, idem_key=idempotency.value, task_id=task.id
+                        conn, key_id=key.id, idem_key=idem.value, task_id=task.id
                     )
                 return Submission(task, replayed=False)
         except idempotency_store.KeyClaimedMeanwhile:
@@ -157,6 +231,13 @@ def get_task(db: Database, *, key: ApiKey, task_id: str) -> Task:
         return task_store.get_task(conn, task_id, key_id=key.id)
 
 
+def get_task_for(db: Database, *, secret: str | None, task_id: str) -> Task:
+    """A bearer secret's task: the key checked and the task read in one transaction."""
+    with db.read() as conn:
+        key = authenticate_in(conn, secret)
+        return task_store.get_task(conn, task_id, key_id=key.id)
+
+
 # The `error` of a cancelled task. 499 is what Google's APIs map their CANCELLED code to
 # ("client closed request"); it is never an HTTP status of a response here.
 CANCELLED_CODE = 499
@@ -173,18 +254,28 @@ def cancel(db: Database, *, key: ApiKey, task_id: str) -> Task:
     that completed first keeps its images and its charge).
     """
     with db.write() as conn:
-        task = task_store.get_task(conn, task_id, key_id=key.id)
-        if not task.state.terminal and task_store.fail_task(
-            conn,
-            task_id=task_id,
-            error_code=CANCELLED_CODE,
-            error_type=CANCELLED_TYPE,
-            message=CANCELLED_MESSAGE,
-            state=TaskState.CANCELLED,
-        ):
-            return task_store.get_task(conn, task_id)
-        # Terminal when read, or settled by its worker since (PostgreSQL reads committed rows).
-        status = task_store.get_task(conn, task_id).state.wire_status
+        return _cancel(conn, key=key, task_id=task_id)
+
+
+def cancel_for(db: Database, *, secret: str | None, task_id: str) -> Task:
+    """`cancel` from a bearer secret, the key checked in the cancelling transaction."""
+    with db.write() as conn:
+        return _cancel(conn, key=authenticate_in(conn, secret), task_id=task_id)
+
+
+def _cancel(conn: Connection, *, key: ApiKey, task_id: str) -> Task:
+    task = task_store.get_task(conn, task_id, key_id=key.id)
+    if not task.state.terminal and task_store.fail_task(
+        conn,
+        task_id=task_id,
+        error_code=CANCELLED_CODE,
+        error_type=CANCELLED_TYPE,
+        message=CANCELLED_MESSAGE,
+        state=TaskState.CANCELLED,
+    ):
+        return task_store.get_task(conn, task_id)
+    # Terminal when read, or settled by its worker since (PostgreSQL reads committed rows).
+    status = task_store.get_task(conn, task_id).state.wire_status
     raise Conflict(f"The task is already {status}; only a task in progress can be cancelled.")
 
 
@@ -201,6 +292,22 @@ def list_tasks(
     db: Database, *, key: ApiKey, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Task], str | None]:
     """One page of the key's tasks, newest first, and the cursor of the next page (or None)."""
+    with db.read() as conn:
+        return _list(conn, key=key, status=status, limit=limit, cursor=cursor)
+
+
+def list_tasks_for(
+    db: Database, *, secret: str | None, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Task], str | None]:
+    """`list_tasks` from a bearer secret, the key checked in the same read transaction."""
+    with db.read() as conn:
+        key = authenticate_in(conn, secret)
+        return _list(conn, key=key, status=status, limit=limit, cursor=cursor)
+
+
+def _list(
+    conn: Connection, *, key: ApiKey, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Task], str | None]:
     states = None
     if status is not None:
         states = STATUS_FILTERS.get(status.upper())
@@ -211,10 +318,9 @@ def list_tasks(
     if not 1 <= limit <= 100:
         raise InvalidRequest("limit must be between 1 and 100", param="limit")
     before = decode_cursor(cursor) if cursor else None
-    with db.read() as conn:
-        page = task_store.list_tasks(
-            conn, key_id=key.id, limit=limit + 1, before_seq=before, states=states
-        )
+    page = task_store.list_tasks(
+        conn, key_id=key.id, limit=limit + 1, before_seq=before, states=states
+    )
     if len(page) > limit:
         return page[:limit], encode_cursor(page[limit - 1].seq)
     return page, None

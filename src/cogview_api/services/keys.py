@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import Connection
+
 from cogview_api.domain import ApiKey
 from cogview_api.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from cogview_api.services.text import refuse_unstorable_text
@@ -16,10 +18,17 @@ MAX_NOTE_CHARS = 200
 
 
 def authenticate(db: Database, secret: str | None) -> ApiKey:
+    with db.read() as conn:
+        return authenticate_in(conn, secret)
+
+
+def authenticate_in(conn: Connection, secret: str | None) -> ApiKey:
+    """The key of a bearer secret, read in the caller's transaction, so a request that reads
+    checks its key and reads its data in one: a revoked key is refused on its next request.
+    Raises AuthenticationFailed (no or unknown secret) or PermissionDenied (revoked)."""
     if not secret:
         raise AuthenticationFailed()
-    with db.read() as conn:
-        key = key_store.find_key_by_secret(conn, secret)
+    key = key_store.find_key_by_secret(conn, secret)
     if key is None:
         raise AuthenticationFailed()
     if key.revoked_at is not None:
@@ -87,3 +96,12 @@ def account(db: Database, key: ApiKey) -> Account:
         current = key_store.get_key(conn, key.id)
         generated, spent = key_store.account_totals(conn, key.id)
     return Account(key=current, images_generated=generated, credits_spent=spent)
+
+
+def account_for(db: Database, secret: str | None) -> Account:
+    """The account of a bearer secret's key: authenticated and read in one transaction."""
+    with db.read() as conn:
+        key = authenticate_in(conn, secret)
+    # The totals came with the key's row (kept by triggers; key_store.account_totals sums
+    # the same from the ledger and the images).
+    return Account(key=key, images_generated=key.images_generated, credits_spent=key.credits_spent)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
+from cogview_api.clock import utcnow
 from cogview_api.domain import ApiKey
 from cogview_api.errors import InsufficientCredits, InvalidRequest, NotFound
-from cogview_api.store.tables import api_keys, images, ledger, tasks, utcnow
-from cogview_api.webhooks.signing import new_secret
+from cogview_api.signing import new_secret
+from cogview_api.store.tables import api_keys, images, ledger, tasks
 
 KEY_PREFIX = "cv4_"
 
@@ -67,10 +68,13 @@ def rotate_webhook_secret(conn: Connection, key_id: str) -> str:
     return secret
 
 
+_KEY_BY_HASH = select(api_keys).where(api_keys.c.key_hash == bindparam("key_hash"))
+
+
 def find_key_by_secret(conn: Connection, secret: str) -> ApiKey | None:
     # Lookup by a SHA-256 of the secret: the comparison never touches the secret itself,
     # so its timing says nothing about how much of a guess was right.
-    row = conn.execute(select(api_keys).where(api_keys.c.key_hash == hash_key(secret))).first()
+    row = conn.execute(_KEY_BY_HASH, {"key_hash": hash_key(secret)}).first()
     return None if row is None else _key(row)
 
 
@@ -145,4 +149,6 @@ def _key(row: object) -> ApiKey:
         balance=int(m["balance"]),
         created_at=m["created_at"],
         revoked_at=m["revoked_at"],
+        credits_spent=int(m["credits_spent"]),
+        images_generated=int(m["images_generated"]),
     )

@@ -69,6 +69,10 @@ api_keys = Table(
     # Signs this key's webhooks: the server must sign with it, so it is stored as given (like
     # Stripe's and Svix's endpoint secrets), unlike the key itself, of which only a hash is kept.
     Column("webhook_secret", String(64), nullable=False),
+    # Kept by triggers on `ledger` and `images` (migration 0004), for /account: credits spent
+    # net of refunds, and images generated.
+    Column("credits_spent", BigInteger, nullable=False, server_default="0"),
+    Column("images_generated", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
 )
 
@@ -190,6 +194,16 @@ webhook_attempts = Table(
     Column("status_code", Integer, nullable=True),
     Column("error", Text, nullable=True),
     Index("ix_webhook_attempts_delivery_id", "delivery_id"),
+)
+
+# How many tasks wait, in 16 stripes (a task counts in stripe seq % 16), kept exact by triggers
+# on `tasks` (migration 0004): the submit reads 16 rows instead of counting the queue. A migration
+# that rebuilds `tasks` on SQLite (batch mode) drops those triggers and must create them again.
+queue_depth = Table(
+    "queue_depth",
+    metadata,
+    Column("stripe", Integer, primary_key=True, autoincrement=False),
+    Column("waiting", BigInteger, nullable=False),
 )
 
 # Workers announce themselves here; /readyz reads it from any API process.

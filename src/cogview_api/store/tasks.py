@@ -7,8 +7,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
+from cogview_api.clock import utcnow
 from cogview_api.domain import (
     GenerationRequest,
     ImageRecord,
@@ -21,8 +22,28 @@ from cogview_api.domain import (
 from cogview_api.errors import NotFound, ServiceUnavailable
 from cogview_api.store.keys import add_credits
 from cogview_api.store.notify import announce
-from cogview_api.store.tables import images, tasks, utcnow
+from cogview_api.store.tables import images, queue_depth, tasks
 from cogview_api.store.webhooks import deliveries_of, enqueue_delivery
+
+# The hot statements, built once: each request binds its values to them. Building a statement
+# and its cache key costs more than executing it on SQLite (the issue's profile).
+_TASK = select(tasks).where(tasks.c.id == bindparam("task_id"))
+_OWN_TASK = _TASK.where(tasks.c.key_id == bindparam("key_id"))
+_TASK_IMAGES = select(images).where(images.c.task_id == bindparam("task_id")).order_by(images.c.idx)
+_INSERT_TASK = insert(tasks)
+_WAITING = select(func.coalesce(func.sum(queue_depth.c.waiting), 0))
+_queued = tasks.c.state == TaskState.QUEUED
+_QUEUED_BOUNDS = select(
+    select(func.min(tasks.c.seq)).where(_queued).scalar_subquery(),
+    select(func.max(tasks.c.seq)).where(_queued).scalar_subquery(),
+)
+_AHEAD = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq < bindparam("seq"))
+_BEHIND = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq > bindparam("seq"))
+
+
+def waiting_tasks(conn: Connection) -> int:
+    """How many tasks wait in the queue: 16 counter rows (store/tables.py `queue_depth`)."""
+    return int(conn.execute(_WAITING).scalar_one())
 
 
 def insert_task(
@@ -37,70 +58,87 @@ def insert_task(
     max_queue: int,
     base_url: str | None = None,
 ) -> Task:
-    """Reserve `price` credits and enqueue the task, in the caller's one transaction.
+    """Reserve `price` credits and enqueue the task, in the caller's one transaction. Returns
+    the task as written (not read back), with its queue position.
 
     Raises InsufficientCredits or ServiceUnavailable (queue full); either way the caller's
     transaction rolls back and nothing is written.
     """
-    waiting = conn.execute(
-        select(func.count()).select_from(tasks).where(tasks.c.state == TaskState.QUEUED)
-    ).scalar_one()
+    waiting = waiting_tasks(conn)
     if waiting >= max_queue:
         raise ServiceUnavailable("The queue is full; try again shortly.", retry_after=10)
     task_id = new_task_id()
     add_credits(conn, key_id=key_id, amount=-price, kind="reserve", task_id=task_id)
-    conn.execute(
-        insert(tasks).values(
-            id=task_id,
-            key_id=key_id,
-            state=TaskState.QUEUED,
-            stage=Stage.QUEUED,
-            model=request.model,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.size.width,
-            height=request.size.height,
-            quality=request.quality,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            n=request.n,
-            seeds=image_seeds(request.seed, request.n),
-            seed_given=request.seed is not None,
-            output_format=request.output_format,
-            user_id=request.user_id,
-            callback_url=request.callback_url,
-            base_url=base_url,
-            step=0,
-            attempts=0,
-            max_attempts=max_attempts,
-            credits_charged=price,
-            credits_refunded=0,
-            created_at=utcnow(),
-        )
-    )
+    values: dict[str, Any] = {
+        "id": task_id,
+        "key_id": key_id,
+        "state": TaskState.QUEUED,
+        "stage": Stage.QUEUED,
+        "model": request.model,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "width": request.size.width,
+        "height": request.size.height,
+        "quality": request.quality,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "n": request.n,
+        "seeds": image_seeds(request.seed, request.n),
+        "seed_given": request.seed is not None,
+        "output_format": request.output_format,
+        "user_id": request.user_id,
+        "callback_url": request.callback_url,
+        "base_url": base_url,
+        "step": 0,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "credits_charged": price,
+        "credits_refunded": 0,
+        "created_at": utcnow(),
+    }
+    (seq,) = conn.execute(_INSERT_TASK, values).inserted_primary_key or (None,)
     announce(conn)  # wakes listening workers when this transaction commits (PostgreSQL)
-    return get_task(conn, task_id)
+    values.update(
+        seq=seq,
+        worker_id=None,
+        error_code=None,
+        error_type=None,
+        error_message=None,
+        started_at=None,
+        completed_at=None,
+        expires_at=None,
+    )
+    # Every task that waited when this transaction read the counter is ahead of this one.
+    return replace(_task(values, ()), queue_position=waiting + 1)
 
 
 def get_task(conn: Connection, task_id: str, *, key_id: str | None = None) -> Task:
     """The task, with images and queue position. With `key_id`, another key's task is NotFound."""
-    query = select(tasks).where(tasks.c.id == task_id)
-    if key_id is not None:
-        query = query.where(tasks.c.key_id == key_id)
-    row = conn.execute(query).first()
+    if key_id is None:
+        row = conn.execute(_TASK, {"task_id": task_id}).first()
+    else:
+        row = conn.execute(_OWN_TASK, {"task_id": task_id, "key_id": key_id}).first()
     if row is None:
         raise NotFound(f"No task with id {task_id!r}.")
-    task = _task(row._mapping, _images(conn, [task_id]).get(task_id, ()))
+    state = TaskState(row.state)
+    # Images are written in the transaction that completes the task, and only then.
+    task = _task(row._mapping, _task_images(conn, task_id) if state is TaskState.COMPLETED else ())
     if task.callback_url is not None:
         task = replace(task, webhook=deliveries_of(conn, [task_id]).get(task_id))
-    if task.state is TaskState.QUEUED:
-        ahead = conn.execute(
-            select(func.count())
-            .select_from(tasks)
-            .where(tasks.c.state == TaskState.QUEUED, tasks.c.seq < task.seq)
-        ).scalar_one()
-        task = replace(task, queue_position=int(ahead) + 1)
+    if state is TaskState.QUEUED:
+        task = replace(task, queue_position=queue_position(conn, task.seq))
     return task
+
+
+def queue_position(conn: Connection, seq: int) -> int:
+    """1 + the waiting tasks older than the one at `seq`, counted from whichever end of the
+    queue it is nearer (by seq), so a task at either end costs little however long the queue:
+    the ahead count directly, or the waiting total (counter rows) less the tasks behind it."""
+    lo, hi = conn.execute(_QUEUED_BOUNDS).one()
+    if lo is None or hi is None or seq - lo <= hi - seq:
+        return int(conn.execute(_AHEAD, {"seq": seq}).scalar_one()) + 1
+    behind = int(conn.execute(_BEHIND, {"seq": seq}).scalar_one())
+    return max(1, waiting_tasks(conn) - behind)
 
 
 def list_tasks(
@@ -266,18 +304,24 @@ def _images(conn: Connection, task_ids: Sequence[str]) -> dict[str, tuple[ImageR
     ).all()
     out: dict[str, list[ImageRecord]] = {}
     for r in rows:
-        out.setdefault(r.task_id, []).append(
-            ImageRecord(
-                token=r.token,
-                index=r.idx,
-                width=r.width,
-                height=r.height,
-                seed=int(r.seed),
-                format=r.format,
-                storage_key=r.storage_key,
-            )
-        )
+        out.setdefault(r.task_id, []).append(_image(r))
     return {k: tuple(v) for k, v in out.items()}
+
+
+def _task_images(conn: Connection, task_id: str) -> tuple[ImageRecord, ...]:
+    return tuple(_image(r) for r in conn.execute(_TASK_IMAGES, {"task_id": task_id}))
+
+
+def _image(r: Any) -> ImageRecord:
+    return ImageRecord(
+        token=r.token,
+        index=r.idx,
+        width=r.width,
+        height=r.height,
+        seed=int(r.seed),
+        format=r.format,
+        storage_key=r.storage_key,
+    )
 
 
 def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from cogview_api.api import events, examples, idempotency
-from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, base_url
-from cogview_api.api.errors import invalid_from_validation
-from cogview_api.api.idempotency import REPLAYED_HEADER, idempotency_key
-from cogview_api.api.inputs import parse_json_object
-from cogview_api.api.openapi import error_responses, example_media, json_200
+from cogview_api.api.deps import BaseUrl, Secret, ServingDep, SettingsDep
+from cogview_api.api.idempotency import REPLAYED_HEADER
+from cogview_api.api.openapi import error_responses, example_media, json_200, json_request_body
 from cogview_api.api.present import task_created, task_public
 from cogview_api.api.schemas import (
     AccountPublic,
@@ -24,12 +21,12 @@ from cogview_api.api.schemas import (
     TaskList,
     TaskPublic,
 )
-from cogview_api.api.waiting import wait_until_terminal
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
-from cogview_api.services.signals import TaskSignals
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
+
+SubmitAnswer = Envelope[TaskCreated | TaskPublic]
 
 MAX_WAIT_S = 60
 
@@ -55,7 +52,7 @@ SUBMIT_ANSWER_HEADERS = {
 
 @router.post(
     "/images/generations",
-    response_model=Envelope[TaskCreated | TaskPublic],
+    response_model=SubmitAnswer,
     responses={
         200: {
             **json_200(named=examples.SUBMIT_ANSWERS),
@@ -76,55 +73,25 @@ SUBMIT_ANSWER_HEADERS = {
     },
     openapi_extra={
         "parameters": SUBMIT_HEADERS,
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": GenerationCreate.model_json_schema(),
-                    **example_media(named=examples.NATIVE_REQUESTS),
-                }
-            },
-        },
+        "requestBody": json_request_body(GenerationCreate, examples.NATIVE_REQUESTS),
     },
     summary="Create an image generation task",
 )
 async def create_generation(
-    request: Request,
-    response: Response,
-    key: CurrentKey,
-    db: DbDep,
-    settings: SettingsDep,
-    base: BaseUrl,
-) -> dict[str, Any]:
-    data = parse_json_object(request, await request.body())
-    try:
-        body = GenerationCreate.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc) from exc
-    idempotency = idempotency_key(request, "native", data)
-    submitted = await run_in_threadpool(
-        lambda: generation.submit_idempotent(
-            db,
-            settings,
-            key=key,
-            request=body.to_domain(),
-            base_url=base_url(request),
-            idempotency=idempotency,
-        )
+    request: Request, response: Response, secret: Secret, serving: ServingDep, base: BaseUrl
+) -> SubmitAnswer:
+    accepted = await serving.accept(
+        request, surface="native", schema=GenerationCreate, secret=secret
     )
-    task = submitted.task
-    if submitted.replayed:
+    if accepted.replayed:
         response.headers[REPLAYED_HEADER] = "true"
-    else:
-        for notify in request.app.state.on_submit:
-            notify()
     wait = requested_wait(request.headers.get("prefer"))
     if wait:
-        finished = await wait_until_terminal(request, db, key, task.id, wait)
+        finished = await serving.wait(secret, accepted.task.id, wait)
         if finished is not None:
             response.headers["Preference-Applied"] = f"wait={wait}"
-            return {"code": 200, "message": "success", "data": task_public(finished, base)}
-    return {"code": 200, "message": "success", "data": task_created(task)}
+            return SubmitAnswer(data=task_public(finished, base))
+    return SubmitAnswer(data=task_created(accepted.task))
 
 
 def requested_wait(prefer: str | None) -> int:
@@ -146,9 +113,11 @@ def requested_wait(prefer: str | None) -> int:
     },
     summary="Get a task",
 )
-def get_task(task_id: str, key: CurrentKey, db: DbDep, base: BaseUrl) -> dict[str, Any]:
-    task = generation.get_task(db, key=key, task_id=task_id)
-    return {"code": 200, "message": "success", "data": task_public(task, base)}
+async def get_task(
+    task_id: str, request: Request, secret: Secret, serving: ServingDep
+) -> Envelope[TaskPublic]:
+    task = await serving.read_task(secret, task_id)
+    return Envelope[TaskPublic](data=task_public(task, serving.links(request)))
 
 
 @router.post(
@@ -160,13 +129,14 @@ def get_task(task_id: str, key: CurrentKey, db: DbDep, base: BaseUrl) -> dict[st
     },
     summary="Cancel a task",
 )
-def cancel_task(
-    task_id: str, request: Request, key: CurrentKey, db: DbDep, base: BaseUrl
-) -> dict[str, Any]:
-    task = generation.cancel(db, key=key, task_id=task_id)
-    signals: TaskSignals = request.app.state.signals
-    signals.notify(task.id)  # requests waiting on it (Prefer: wait, event streams) answer now
-    return {"code": 200, "message": "success", "data": task_public(task, base)}
+async def cancel_task(
+    task_id: str, request: Request, secret: Secret, serving: ServingDep
+) -> Envelope[TaskPublic]:
+    task = await run_in_threadpool(
+        generation.cancel_for, serving.db, secret=secret, task_id=task_id
+    )
+    serving.signals.notify(task.id)  # requests waiting on it (Prefer: wait, streams) answer now
+    return Envelope[TaskPublic](data=task_public(task, serving.links(request)))
 
 
 @router.get(
@@ -187,21 +157,15 @@ def cancel_task(
     summary="Follow a task (Server-Sent Events)",
 )
 async def task_events(
-    task_id: str,
-    request: Request,
-    key: CurrentKey,
-    db: DbDep,
-    settings: SettingsDep,
-    base: BaseUrl,
+    task_id: str, secret: Secret, serving: ServingDep, settings: SettingsDep, base: BaseUrl
 ) -> StreamingResponse:
     # Read before the stream starts, so an unknown task is a plain 404.
-    first = await run_in_threadpool(generation.get_task, db, key=key, task_id=task_id)
+    first = await serving.read_task(secret, task_id)
     stream = events.task_stream(
-        db=db,
-        key=key,
+        serving=serving,
+        secret=secret,
         first=first,
         base=base,
-        signals=request.app.state.signals,
         keepalive_s=settings.sse_keepalive_seconds,
     )
     return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
@@ -216,10 +180,10 @@ async def task_events(
     },
     summary="List your tasks",
 )
-def list_tasks(
-    key: CurrentKey,
-    db: DbDep,
-    base: BaseUrl,
+async def list_tasks(
+    request: Request,
+    secret: Secret,
+    serving: ServingDep,
     # Described here, checked (with this API's messages) by generation.list_tasks. No `enum`
     # for status: it is matched in any case, which an enum cannot say.
     status: Annotated[
@@ -228,16 +192,19 @@ def list_tasks(
     ] = None,
     limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": 100})] = 20,
     cursor: Annotated[str | None, Query()] = None,
-) -> dict[str, Any]:
-    page, next_cursor = generation.list_tasks(
-        db, key=key, status=status, limit=limit, cursor=cursor
+) -> Envelope[TaskList]:
+    page, next_cursor = await run_in_threadpool(
+        lambda: generation.list_tasks_for(
+            serving.db, secret=secret, status=status, limit=limit, cursor=cursor
+        )
     )
+    base = serving.links(request)
     data = TaskList(
         tasks=[task_public(t, base) for t in page],
         next_cursor=next_cursor,
         has_more=next_cursor is not None,
     )
-    return {"code": 200, "message": "success", "data": data}
+    return Envelope[TaskList](data=data)
 
 
 @router.get(
@@ -249,8 +216,8 @@ def list_tasks(
     },
     summary="Your key's account",
 )
-def get_account(key: CurrentKey, db: DbDep) -> dict[str, Any]:
-    acct = key_service.account(db, key)
+async def get_account(secret: Secret, serving: ServingDep) -> Envelope[AccountPublic]:
+    acct = await run_in_threadpool(key_service.account_for, serving.db, secret)
     data = AccountPublic(
         key_id=acct.key.id,
         name=acct.key.name,
@@ -258,4 +225,4 @@ def get_account(key: CurrentKey, db: DbDep) -> dict[str, Any]:
         images_generated=acct.images_generated,
         credits_spent=acct.credits_spent,
     )
-    return {"code": 200, "message": "success", "data": data}
+    return Envelope[AccountPublic](data=data)

@@ -14,9 +14,9 @@ from cogview_api.api.compat_schemas import (
     OpenAIImageCreate,
     OpenAIImagesResponse,
 )
-from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep, StorageDep
+from cogview_api.api.deps import BaseUrl, Secret, ServingDep, StorageDep
+from cogview_api.api.idempotency import REPLAYED_HEADER
 from cogview_api.api.openapi import sync_generation_docs
-from cogview_api.api.waiting import generate_sync
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
 from cogview_api.storage import ImageStorage
@@ -39,21 +39,20 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 async def create_image(
     request: Request,
     response: Response,
-    key: CurrentKey,
-    db: DbDep,
-    settings: SettingsDep,
+    secret: Secret,
+    serving: ServingDep,
     storage: StorageDep,
     base: BaseUrl,
 ) -> OpenAIImagesResponse:
-    body, task = await generate_sync(
+    done = await serving.generate(
         request,
-        response,
         surface="openai",
         schema=OpenAIImageCreate,
-        db=db,
-        settings=settings,
-        key=key,
+        secret=secret,
     )
+    if done.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    body, task = done.body, done.task
     if body.response_format == "b64_json":
         encoded = await run_in_threadpool(images_base64, storage, task)
         images = [OpenAIImage(b64_json=b64) for b64 in encoded]

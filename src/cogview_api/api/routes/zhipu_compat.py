@@ -12,9 +12,9 @@ from cogview_api.api.compat_schemas import (
     ZhipuImageCreate,
     ZhipuImagesResponse,
 )
-from cogview_api.api.deps import BaseUrl, CurrentKey, DbDep, SettingsDep
+from cogview_api.api.deps import BaseUrl, Secret, ServingDep
+from cogview_api.api.idempotency import REPLAYED_HEADER
 from cogview_api.api.openapi import sync_generation_docs
-from cogview_api.api.waiting import generate_sync
 
 router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
 
@@ -33,19 +33,18 @@ router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
 async def create_image(
     request: Request,
     response: Response,
-    key: CurrentKey,
-    db: DbDep,
-    settings: SettingsDep,
+    secret: Secret,
+    serving: ServingDep,
     base: BaseUrl,
 ) -> ZhipuImagesResponse:
-    _, task = await generate_sync(
+    done = await serving.generate(
         request,
-        response,
         surface="zhipu",
         schema=ZhipuImageCreate,
-        db=db,
-        settings=settings,
-        key=key,
+        secret=secret,
     )
+    if done.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    task = done.task
     images = [ZhipuImage(url=base.url(i, task.expires_at)) for i in task.images]
     return ZhipuImagesResponse(created=int(task.created_at.timestamp()), data=images)

@@ -1,0 +1,175 @@
+"""Generation for every surface: one serving object that accepts a request, waits for its
+result, and hands the routes what they answer with.
+
+Built once in `create_app` and given to the native, OpenAI and Zhipu routes as a dependency
+(`ServingDep`), so the submit flow exists once. A submit crosses to the thread pool once: the
+key's check, the body's parsing and validation, and the task's insert run there together (the
+body after the key, so a request without a valid key is 401 whatever it sent, as before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.idempotency import idempotency_key
+from cogview_api.api.inputs import parse_json_object
+from cogview_api.api.present import ImageLinks, Presign
+from cogview_api.config import Settings
+from cogview_api.domain import GenerationRequest, Task, TaskState
+from cogview_api.errors import TaskCancelled, TaskFailed, WaitTimedOut
+from cogview_api.services import generation
+from cogview_api.services.generation import Submission, SubmitRequest
+from cogview_api.services.signals import TaskSignals
+from cogview_api.store.db import Database
+
+# How often a waiting request re-reads its task, for workers in other processes (an in-process
+# worker signals the end at once).
+WAIT_RECHECK_S = 0.5
+
+
+class GenerationBody(Protocol):
+    """What a surface's request schema offers: pydantic's validation, and the generation it
+    asks for (`GenerationCreate`, `OpenAIImageCreate`, `ZhipuImageCreate`)."""
+
+    @classmethod
+    def model_validate(cls, obj: Any) -> Self: ...
+
+    def to_domain(self) -> GenerationRequest: ...
+
+
+Body = TypeVar("Body", bound=GenerationBody)
+
+
+@dataclass(frozen=True)
+class Accepted(Generic[Body]):
+    """A submit taken in: the body as the surface's schema read it, and the task."""
+
+    body: Body
+    task: Task
+    replayed: bool  # an earlier request with the same Idempotency-Key made the task
+
+
+def bearer_secret(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+class GenerationServing:
+    """Accept, wait, answer: the generation flow of every surface."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        signals: TaskSignals,
+        presign: Presign | None,
+        on_submit: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.signals = signals
+        self.presign = presign
+        self.on_submit = tuple(on_submit)
+
+    def base_url(self, request: Request) -> str:
+        """Where this client reaches the API: COGVIEW_PUBLIC_URL, else the request's own URL."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        return str(request.base_url).rstrip("/")
+
+    def links(self, request: Request) -> ImageLinks:
+        return ImageLinks(base=self.base_url(request), presign=self.presign)
+
+    async def accept(
+        self, request: Request, *, surface: str, schema: type[Body], secret: str
+    ) -> Accepted[Body]:
+        """Submit the request's body, read with `schema`: credits reserved with the task in one
+        transaction; with an Idempotency-Key, a retry gets the first request's task. Wakes
+        in-process workers for a new task. Raises our errors for the surface to render."""
+        raw = await request.body()
+        read: list[Body] = []
+
+        def read_request() -> SubmitRequest:
+            data = parse_json_object(request, raw)
+            try:
+                body = schema.model_validate(data)
+            except ValidationError as exc:
+                raise invalid_from_validation(exc) from exc
+            read.append(body)
+            return SubmitRequest(
+                generation=body.to_domain(),
+                idempotency=idempotency_key(request, surface, data),
+            )
+
+        base = self.base_url(request)
+        submitted: Submission = await run_in_threadpool(
+            lambda: generation.submit_for(
+                self.db, self.settings, secret=secret, read_request=read_request, base_url=base
+            )
+        )
+        if not submitted.replayed:
+            for notify in self.on_submit:
+                notify()
+        return Accepted(body=read[0], task=submitted.task, replayed=submitted.replayed)
+
+    async def read_task(self, secret: str, task_id: str) -> Task:
+        """The task as its key may see it now (the key checked again: a revoked key stops)."""
+        return await run_in_threadpool(
+            generation.get_task_for, self.db, secret=secret, task_id=task_id
+        )
+
+    async def wait(self, secret: str, task_id: str, seconds: float) -> Task | None:
+        """The task once it is terminal, or None after `seconds`. Read first once subscribed,
+        so a task that settles in between is not missed."""
+        deadline = time.monotonic() + seconds
+        with self.signals.subscribe(task_id) as settled:
+            while True:
+                task = await self.read_task(secret, task_id)
+                left = deadline - time.monotonic()
+                if task.state.terminal or left <= 0:
+                    return task if task.state.terminal else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), timeout=min(WAIT_RECHECK_S, left))
+                # A signal for a task that is not terminal yet (a worker lost its lease and let
+                # go of it) must not leave the event set, or this loop would spin.
+                settled.clear()
+
+    async def generate(
+        self, request: Request, *, surface: str, schema: type[Body], secret: str
+    ) -> Accepted[Body]:
+        """A synchronous compat route from body to finished task: accept, then hold the
+        request up to `settings.sync_wait_seconds`.
+
+        Returns the COMPLETED task. Raises TaskFailed or TaskCancelled if it ended without
+        images (the credits are refunded by then), WaitTimedOut if it is still running (it
+        stays charged and keeps going; the message names it so the client can fetch it from
+        the native API)."""
+        accepted = await self.accept(request, surface=surface, schema=schema, secret=secret)
+        task = accepted.task
+        wait_s = self.settings.sync_wait_seconds
+        finished = await self.wait(secret, task.id, wait_s)
+        if finished is None:
+            raise WaitTimedOut(
+                f"Task {task.id} did not finish within {wait_s:g} s. It is "
+                f"still running: GET /api/v1/tasks/{task.id} with the same key gives its images."
+            )
+        reason = finished.error_message or "no reason given"
+        if finished.state is TaskState.CANCELLED:
+            raise TaskCancelled(f"Task {task.id} was cancelled: {reason}")
+        if finished.state is not TaskState.COMPLETED:
+            raise TaskFailed(f"Task {task.id} failed: {reason}")
+        return Accepted(body=accepted.body, task=finished, replayed=accepted.replayed)
