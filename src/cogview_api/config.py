@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cogview_api.webhooks.addresses import parse_allow_list, parse_retry_schedule
+from cogview_api.addresses import parse_allow_list, parse_retry_schedule
+from cogview_api.domain import Quality, parse_size
 
 DEFAULT_MODEL = "THUDM/CogView4-6B"
 TINY_MODEL = "tiny"
@@ -18,8 +19,6 @@ FULL_RANDOM_MODEL = "full-random"
 
 def parse_size_list(text: str) -> list[tuple[int, int]]:
     """`"1024*1024,768*1344"` -> [(1024, 1024), (768, 1344)]; empty -> []."""
-    from cogview_api.domain import parse_size
-
     sizes = [parse_size(part) for part in text.split(",") if part.strip()]
     return [(size.width, size.height) for size in sizes]
 
@@ -75,6 +74,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=0, le=16)
+    # HTTP processes sharing the port (`serve --http-processes N`); the in-process workers stay
+    # in the first process. Each has its own database pool (store/db.py; docs/deploy.md).
+    http_processes: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_queue: int = Field(default=1000, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -154,8 +156,10 @@ class Settings(BaseSettings):
     def is_tiny(self) -> bool:
         return self.model == TINY_MODEL
 
-    def steps_for(self, quality: str) -> int:
-        return self.steps_hd if quality == "hd" else self.steps_standard
+    def steps_for(self, quality: Quality) -> int:
+        return {Quality.STANDARD: self.steps_standard, Quality.HD: self.steps_hd}[quality]
 
-    def price_for(self, quality: str) -> int:
-        return self.price_hd if quality == "hd" else self.price_standard
+    def price_for(self, quality: Quality) -> int:
+        """Credits per image of `quality`: the one price function (a submit of n images is
+        charged n times it)."""
+        return {Quality.STANDARD: self.price_standard, Quality.HD: self.price_hd}[quality]

@@ -1,4 +1,9 @@
-"""Pure types of the domain: states, stages, sizes, generation requests. No I/O here."""
+"""Pure types of the domain: states, stages, sizes, qualities, formats, generation requests,
+webhook deliveries. No I/O here, and nothing of the package above it: every layer may import it.
+
+The enums are `StrEnum`s: a member is its wire and database string (`Quality.HD == "hd"`).
+The dataclasses that the store fills from rows turn those strings back into members.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal, Protocol
 
 MODEL_NAMES = ("cogview-4", "cogview-4-250304")
 MAX_PROMPT_CHARS = 1000
@@ -23,8 +29,6 @@ PRESET_SIZES = (
     (1440, 720),
     (720, 1440),
 )
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-QUALITIES = ("standard", "hd")
 TASK_ID_SUFFIX = "_cv4"
 
 
@@ -42,11 +46,20 @@ class TaskState(StrEnum):
         return self in (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
     @property
-    def wire_status(self) -> str:
+    def wire_status(self) -> WireStatus:
         """The hosted API's status word: waiting and running are both IN_PROGRESS."""
-        if self in (TaskState.QUEUED, TaskState.RUNNING):
-            return "IN_PROGRESS"
-        return self.value.upper()
+        return _WIRE_STATUS[self]
+
+
+# A task's `status` on the wire, as the hosted API spells it.
+WireStatus = Literal["IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+_WIRE_STATUS: dict[TaskState, WireStatus] = {
+    TaskState.QUEUED: "IN_PROGRESS",
+    TaskState.RUNNING: "IN_PROGRESS",
+    TaskState.COMPLETED: "COMPLETED",
+    TaskState.FAILED: "FAILED",
+    TaskState.CANCELLED: "CANCELLED",
+}
 
 
 class Stage(StrEnum):
@@ -56,6 +69,69 @@ class Stage(StrEnum):
     DECODING = "decoding"
     SAVING = "saving"
     DONE = "done"
+
+
+class Quality(StrEnum):
+    """How hard the model works on an image: its steps (and price) come from the settings."""
+
+    STANDARD = "standard"
+    HD = "hd"
+
+
+class OutputFormat(StrEnum):
+    """The formats a task's images are encoded, stored and served in; the one list of them."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+
+class WebhookEvent(StrEnum):
+    """What a webhook announces: how its task settled."""
+
+    COMPLETED = "task.completed"
+    FAILED = "task.failed"
+    CANCELLED = "task.cancelled"
+
+    @classmethod
+    def of(cls, state: TaskState) -> WebhookEvent:
+        """The event of a task that settled in `state`; ValueError for a state in progress."""
+        return cls(f"task.{state.value}")
+
+
+class DeliveryState(StrEnum):
+    """Where a webhook delivery is: the dispatchers' queue holds the pending ones."""
+
+    PENDING = "pending"  # due at next_attempt_at
+    DELIVERED = "delivered"  # a 2xx answer; terminal
+    FAILED = "failed"  # the retry schedule ran out; terminal
+
+
+class _Shaped(Protocol):
+    """What a batch key is read from: a task, or an engine job."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def guidance_scale(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What tasks must share to run in one engine call (one denoising loop)."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+    @classmethod
+    def of(cls, item: _Shaped) -> BatchKey:
+        return cls(item.width, item.height, item.steps, item.guidance_scale)
 
 
 @dataclass(frozen=True)
@@ -97,13 +173,16 @@ class GenerationRequest:
     model: str
     prompt: str
     size: Size
-    quality: str
+    quality: Quality
     n: int
     negative_prompt: str = ""
     seed: int | None = None
-    output_format: str = "png"
+    output_format: OutputFormat = OutputFormat.PNG
     user_id: str | None = None
     callback_url: str | None = None
+
+    def __post_init__(self) -> None:
+        _as_members(self, quality=Quality, output_format=OutputFormat)
 
 
 def new_task_id() -> str:
@@ -129,8 +208,11 @@ class ImageRecord:
     width: int
     height: int
     seed: int
-    format: str
+    format: OutputFormat
     storage_key: str
+
+    def __post_init__(self) -> None:
+        _as_members(self, format=OutputFormat)
 
 
 @dataclass(frozen=True)
@@ -148,10 +230,13 @@ class WebhookDelivery:
     """The terminal task object on its way to the task's callback_url."""
 
     id: str  # the webhook-id header, the same on every attempt
-    event: str  # task.completed | task.failed | task.cancelled
-    state: str  # pending | delivered | failed (retries exhausted)
+    event: WebhookEvent
+    state: DeliveryState
     attempts: tuple[WebhookAttempt, ...]
     next_attempt_at: datetime | None
+
+    def __post_init__(self) -> None:
+        _as_members(self, event=WebhookEvent, state=DeliveryState)
 
 
 @dataclass(frozen=True)
@@ -168,13 +253,13 @@ class Task:
     negative_prompt: str
     width: int
     height: int
-    quality: str
+    quality: Quality
     steps: int
     guidance_scale: float
     n: int
     seeds: tuple[int, ...]
     seed_given: bool
-    output_format: str
+    output_format: OutputFormat
     user_id: str | None
     callback_url: str | None
     step: int
@@ -193,6 +278,9 @@ class Task:
     queue_position: int | None = None
     base_url: str | None = None  # image URLs' base as the submitter saw it (for webhooks)
     webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
+
+    def __post_init__(self) -> None:
+        _as_members(self, quality=Quality, output_format=OutputFormat)
 
     @property
     def size(self) -> Size:
@@ -221,3 +309,13 @@ class ApiKey:
     balance: int
     created_at: datetime
     revoked_at: datetime | None
+    credits_spent: int = 0  # net of refunds
+    images_generated: int = 0
+
+
+def _as_members(obj: object, **fields: type[StrEnum]) -> None:
+    """Set each named field of a frozen dataclass to its enum's member: a row of the store, or
+    a caller's literal, hands the plain string (`"hd"`), and the domain holds `Quality.HD`.
+    ValueError for a string that is no member."""
+    for name, enum in fields.items():
+        object.__setattr__(obj, name, enum(getattr(obj, name)))

@@ -6,4 +6,10 @@ neither imports the other for it.
 
 from __future__ import annotations
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from cogview_api.domain import OutputFormat
+
+CONTENT_TYPES: dict[OutputFormat, str] = {
+    OutputFormat.PNG: "image/png",
+    OutputFormat.JPEG: "image/jpeg",
+    OutputFormat.WEBP: "image/webp",
+}

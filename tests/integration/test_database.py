@@ -93,8 +93,7 @@ def test_unreachable_postgres_is_service_unavailable() -> None:
 def test_a_dropped_connection_is_service_unavailable_then_the_next_one_works(
     pg_cluster: PgCluster,
 ) -> None:
-    db = Database(pg_cluster.create_database())
-    db.migrate()
+    db = Database(pg_cluster.create_database(migrated=True))
     try:
         with pytest.raises(ServiceUnavailable), db.read() as conn:  # noqa: PT012
             conn.execute(text("SELECT 1"))
@@ -135,12 +134,12 @@ def test_cli_migrate_on_postgres(pg_cluster: PgCluster, tmp_path: Path, tiny_cac
 
 
 def test_upgrading_a_database_with_data_from_the_first_schema_keeps_it(
-    database_url: str,
+    empty_database_url: str,
 ) -> None:
     """A deployment upgrades a database with keys and ledger rows in it, not an empty one: on
     SQLite a migration that rebuilds a table others point at (batch mode) must not trip over
     their foreign keys, and every key gets its webhook secret."""
-    database = Database(database_url)
+    database = Database(empty_database_url)
     try:
         command.upgrade(alembic_config(database.url, database.engine), "0001")
         with database.engine.begin() as conn:

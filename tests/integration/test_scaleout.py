@@ -139,9 +139,8 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path, pg_cluster: pg.PgCluster) -> Iterator[Fleet]:
-    url = pg_cluster.create_database()
+    url = pg_cluster.create_database(migrated=True)
     db = Database(url)
-    db.migrate()
     env = server_env(
         tmp_path / "cache",
         {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -13,7 +14,6 @@ from PIL import Image
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Size, Task, TaskState
 from cogview_api.engine import Engine, EngineJob, ProgressFn
-from cogview_api.engine.cogview4 import CogView4Engine
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.storage import LocalStorage
@@ -24,12 +24,17 @@ from cogview_api.worker.loop import Worker
 from tests.conftest import make_settings
 from tests.support import FlakyEngine
 
+if TYPE_CHECKING:  # torch and diffusers load with the engine, not at collection
+    from cogview_api.engine.cogview4 import CogView4Engine
+
 STEPS = 6
 SMALL = Size(512, 512)
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> CogView4Engine:
+    from cogview_api.engine.cogview4 import CogView4Engine
+
     return CogView4Engine.load(make_settings(tmp_path_factory.mktemp("engine"), tiny_cache))
 
 

@@ -1,17 +1,29 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from cogview_api.config import Settings
 from cogview_api.domain import (
     MAX_SEED,
     PRESET_SIZES,
+    BatchKey,
+    DeliveryState,
+    GenerationRequest,
+    ImageRecord,
+    OutputFormat,
+    Quality,
     Size,
     Stage,
     TaskState,
+    WebhookEvent,
     image_seeds,
     new_task_id,
     parse_size,
 )
+from cogview_api.engine import EngineJob
+from cogview_api.media import CONTENT_TYPES
 
 
 @pytest.mark.parametrize(("w", "h"), PRESET_SIZES)
@@ -75,3 +87,49 @@ def test_wire_status_folds_waiting_and_running() -> None:
     assert TaskState.CANCELLED.wire_status == "CANCELLED"
     assert [s.terminal for s in TaskState] == [False, False, True, True, True]
     assert Stage("denoising") is Stage.DENOISING
+
+
+def test_the_enums_are_the_stored_and_wire_strings() -> None:
+    assert [q.value for q in Quality] == ["standard", "hd"]
+    assert [f.value for f in OutputFormat] == ["png", "jpeg", "webp"]
+    assert [e.value for e in WebhookEvent] == ["task.completed", "task.failed", "task.cancelled"]
+    assert [s.value for s in DeliveryState] == ["pending", "delivered", "failed"]
+    assert Quality.HD == "hd" and f"{OutputFormat.WEBP}" == "webp"
+
+
+def test_a_settled_state_names_its_webhook_event_and_one_in_progress_none() -> None:
+    assert WebhookEvent.of(TaskState.COMPLETED) is WebhookEvent.COMPLETED
+    assert WebhookEvent.of(TaskState.FAILED) is WebhookEvent.FAILED
+    assert WebhookEvent.of(TaskState.CANCELLED) is WebhookEvent.CANCELLED
+    with pytest.raises(ValueError):
+        WebhookEvent.of(TaskState.RUNNING)
+
+
+def test_the_strings_of_a_row_become_members() -> None:
+    row: dict[str, Any] = {"token": "t", "index": 0, "width": 8, "height": 8, "seed": 1}
+    image = ImageRecord(**row, format="png", storage_key="k")
+    assert image.format is OutputFormat.PNG
+    with pytest.raises(ValueError):
+        ImageRecord(**row, format="gif", storage_key="k")
+    words: dict[str, Any] = {"quality": "hd"}
+    request = GenerationRequest(model="cogview-4", prompt="p", size=Size(1024, 1024), n=1, **words)
+    assert request.quality is Quality.HD and request.output_format is OutputFormat.PNG
+
+
+def test_every_output_format_has_its_content_type() -> None:
+    assert list(CONTENT_TYPES) == list(OutputFormat)
+    assert CONTENT_TYPES[OutputFormat.JPEG] == "image/jpeg"
+
+
+def test_price_and_steps_are_per_quality() -> None:
+    settings = Settings(price_hd=7, price_standard=2, steps_hd=40, steps_standard=12)
+    assert [settings.price_for(q) for q in Quality] == [2, 7]
+    assert [settings.steps_for(q) for q in Quality] == [12, 40]
+
+
+def test_a_task_and_its_engine_job_have_one_batch_key() -> None:
+    job = EngineJob(
+        task_id="t", prompt="p", negative_prompt="", width=768, height=1344, steps=20,
+        guidance_scale=3.5, seeds=(1,),
+    )  # fmt: skip
+    assert BatchKey.of(job) == BatchKey(768, 1344, 20, 3.5)

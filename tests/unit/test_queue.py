@@ -10,7 +10,7 @@ import pytest
 
 from cogview_api.clock import utcnow
 from cogview_api.config import Settings
-from cogview_api.domain import GenerationRequest, Size, TaskState
+from cogview_api.domain import BatchKey, GenerationRequest, Size, TaskState
 from cogview_api.errors import InsufficientCredits
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
@@ -182,7 +182,7 @@ def test_one_worker_alternates_keys_after_each_batch(db: Database, settings: Set
     late = generation.submit(db, settings, key=light, request=request(Size(768, 1344))).id
     settle(db, "w", first)
     with db.read() as conn:  # what a claim without the worker's memory would pick
-        assert queue._pick_batch_key(conn, {}) == queue.BatchKey(
+        assert queue._pick_batch_key(conn, {}) == BatchKey(
             1024, 1024, settings.steps_hd, settings.guidance_scale
         )
     assert claim(db, "w", recent={heavy.id: 4}) == [late]
@@ -194,7 +194,7 @@ def test_a_claim_for_a_batch_key_takes_only_that_key(db: Database, settings: Set
     key, _ = key_service.create_key(db, name="k", credits=100)
     tall = generation.submit(db, settings, key=key, request=request(Size(768, 1344))).id
     square = generation.submit(db, settings, key=key, request=request()).id
-    wanted = queue.BatchKey(1024, 1024, settings.steps_hd, settings.guidance_scale)
+    wanted = BatchKey(1024, 1024, settings.steps_hd, settings.guidance_scale)
     assert claim(db, "w", batch_key=wanted) == [square]
     assert claim(db, "w", batch_key=wanted) == []
     assert claim(db, "w") == [tall]

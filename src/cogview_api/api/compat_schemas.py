@@ -7,12 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from cogview_api.api.inputs import ModelName, Prompt
+from cogview_api.api.inputs import ModelName, OutputFormatName, Prompt, QualityName
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
     MAX_USER_ID_CHARS,
     MODEL_NAMES,
     GenerationRequest,
+    OutputFormat,
+    Quality,
     Size,
     parse_size,
 )
@@ -39,12 +41,12 @@ UserTag = Annotated[str, Field(max_length=MAX_USER_ID_CHARS)]
 
 # OpenAI's quality words onto ours: gpt-image's high/medium/low and auto, dall-e's hd/standard.
 OPENAI_QUALITY = {
-    "auto": "hd",
-    "high": "hd",
-    "hd": "hd",
-    "medium": "standard",
-    "low": "standard",
-    "standard": "standard",
+    "auto": Quality.HD,
+    "high": Quality.HD,
+    "hd": Quality.HD,
+    "medium": Quality.STANDARD,
+    "low": Quality.STANDARD,
+    "standard": Quality.STANDARD,
 }
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -70,7 +72,7 @@ class OpenAIImageCreate(CompatImageCreate):
     size: OpenAISizeText | None = Field(default=None, description="`WxH`; `auto` = `1024x1024`.")
     quality: Literal["auto", "high", "hd", "medium", "low", "standard"] | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_format: OutputFormatName | None = None
     user: UserTag | None = None
 
     def to_domain(self) -> GenerationRequest:
@@ -80,7 +82,7 @@ class OpenAIImageCreate(CompatImageCreate):
             size=_size(self.size),
             quality=OPENAI_QUALITY[self.quality or "auto"],
             n=self.n or 1,
-            output_format=self.output_format or "png",
+            output_format=self.output_format or OutputFormat.PNG,
             user_id=self.user,
         )
 
@@ -119,7 +121,7 @@ class ZhipuImageCreate(CompatImageCreate):
 
     model: ModelName
     prompt: Prompt
-    quality: Literal["hd", "standard"] | None = Field(
+    quality: QualityName | None = Field(
         default=None, description="Default `standard`, as on Zhipu's platform."
     )
     size: SizeText | None = Field(default=None, description="`WxH`, default `1024x1024`.")
@@ -130,7 +132,7 @@ class ZhipuImageCreate(CompatImageCreate):
             model=self.model,
             prompt=self.prompt,
             size=_size(self.size),
-            quality=self.quality or "standard",
+            quality=self.quality or Quality.STANDARD,
             n=1,
             user_id=self.user_id,
         )

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import AfterValidator
+from pydantic import AfterValidator, GetCoreSchemaHandler
+from pydantic_core import CoreSchema, core_schema
 
-from cogview_api.domain import MAX_PROMPT_CHARS, MODEL_NAMES
+from cogview_api.domain import (
+    MAX_PROMPT_CHARS,
+    MODEL_NAMES,
+    DeliveryState,
+    OutputFormat,
+    Quality,
+    Stage,
+    WebhookEvent,
+)
 from cogview_api.errors import InvalidRequest
 
 
@@ -43,3 +53,34 @@ def clean_prompt(value: str) -> str:
 
 ModelName = Annotated[str, AfterValidator(check_model)]
 Prompt = Annotated[str, AfterValidator(clean_prompt)]
+
+
+class OneOf:
+    """A field whose values are a domain `StrEnum`'s, validated as a `Literal` of them would be:
+    with Literal's error message, also in strict models (which otherwise take only members from
+    Python input), and described inline (`{"enum": [...], "type": "string"}`) in the JSON
+    schema. So the list of values is the enum's, not a copy.
+
+    On a field typed by the enum itself the value becomes the member. Response fields are typed
+    `str` (a member is one): FastAPI would otherwise add the enum to /openapi.json's components
+    as a schema nothing refers to."""
+
+    def __init__(self, enum: type[StrEnum]) -> None:
+        self.enum = enum
+
+    def __get_pydantic_core_schema__(
+        self, source: type[object], handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        values = core_schema.literal_schema([member.value for member in self.enum])
+        if source is self.enum:
+            return core_schema.no_info_after_validator_function(self.enum, values)
+        return values
+
+
+# Request fields: the domain's members once validated.
+QualityName = Annotated[Quality, OneOf(Quality)]
+OutputFormatName = Annotated[OutputFormat, OneOf(OutputFormat)]
+# Response fields: the wire strings of the domain's members.
+StageName = Annotated[str, OneOf(Stage)]
+WebhookEventName = Annotated[str, OneOf(WebhookEvent)]
+DeliveryStateName = Annotated[str, OneOf(DeliveryState)]

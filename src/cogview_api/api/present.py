@@ -63,7 +63,7 @@ def task_public(task: Task, base: ImageLinks) -> TaskPublic:
     return TaskPublic(
         task_id=task.id,
         model=task.model,
-        status=task.state.wire_status,  # type: ignore[arg-type]
+        status=task.state.wire_status,
         created_at=task.created_at,
         started_at=task.started_at,
         completed_at=task.completed_at,
@@ -79,7 +79,7 @@ def task_public(task: Task, base: ImageLinks) -> TaskPublic:
             user_id=task.user_id,
         ),
         progress=ProgressPublic(
-            stage=task.stage.value,
+            stage=task.stage,
             percent=task.percent,
             step=task.step,
             total_steps=task.steps,
@@ -123,8 +123,8 @@ def webhook_payload(settings: Settings) -> Callable[[Task], str]:
 def webhook_public(delivery: WebhookDelivery) -> WebhookPublic:
     return WebhookPublic(
         id=delivery.id,
-        event=delivery.event,  # type: ignore[arg-type]
-        status=delivery.state,  # type: ignore[arg-type]
+        event=delivery.event,
+        status=delivery.state,
         attempts=[
             WebhookAttemptPublic(number=a.number, at=a.at, status_code=a.status_code, error=a.error)
             for a in delivery.attempts
@@ -136,7 +136,7 @@ def webhook_public(delivery: WebhookDelivery) -> WebhookPublic:
 def task_created(task: Task) -> TaskCreated:
     return TaskCreated(
         task_id=task.id,
-        status=task.state.wire_status,  # type: ignore[arg-type]
+        status=task.state.wire_status,
         created_at=task.created_at,
         credits_charged=task.credits_charged,
         queue_position=task.queue_position,

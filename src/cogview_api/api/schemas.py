@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogview_api.addresses import check_syntax
-from cogview_api.api.inputs import check_model, clean_prompt
+from cogview_api.api.inputs import (
+    DeliveryStateName,
+    OutputFormatName,
+    QualityName,
+    StageName,
+    WebhookEventName,
+    check_model,
+    clean_prompt,
+)
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
     MAX_PROMPT_CHARS,
@@ -16,6 +24,9 @@ from cogview_api.domain import (
     MAX_USER_ID_CHARS,
     MODEL_NAMES,
     GenerationRequest,
+    OutputFormat,
+    Quality,
+    WireStatus,
     parse_size,
 )
 
@@ -53,11 +64,11 @@ class GenerationCreate(BaseModel):
         description="`W*H` or `WxH`: a preset, or 512..2048 per side, divisible by 16, "
         "at most 2^21 pixels.",
     )
-    quality: Literal["standard", "hd"] = "hd"
+    quality: QualityName = Quality.HD
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: OutputFormatName = OutputFormat.PNG
     callback_url: str | None = Field(
         default=None,
         description="http(s) URL that receives the terminal task object by POST, signed with "
@@ -111,7 +122,7 @@ class ImagePublic(BaseModel):
 
 
 class ProgressPublic(BaseModel):
-    stage: Literal["queued", "encoding", "denoising", "decoding", "saving", "done"]
+    stage: StageName
     percent: int
     step: int
     total_steps: int
@@ -152,8 +163,8 @@ class WebhookPublic(BaseModel):
     """The delivery of the task's callback_url, once the task has settled."""
 
     id: str = Field(description="The `webhook-id` header, the same on every attempt.")
-    event: Literal["task.completed", "task.failed", "task.cancelled"]
-    status: Literal["pending", "delivered", "failed"]
+    event: WebhookEventName
+    status: DeliveryStateName
     attempts: list[WebhookAttemptPublic]
     next_attempt_at: datetime | None
 
@@ -163,7 +174,7 @@ class TaskPublic(BaseModel):
 
     task_id: str
     model: str
-    status: Literal["IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+    status: WireStatus
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
@@ -182,7 +193,7 @@ class TaskCreated(BaseModel):
     """Server -> client: the creation answer (the hosted API's shape, plus extensions)."""
 
     task_id: str
-    status: Literal["IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
+    status: WireStatus
     created_at: datetime
     credits_charged: int
     queue_position: int | None

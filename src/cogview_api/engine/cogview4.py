@@ -22,6 +22,7 @@ import torch
 from diffusers import CogView4Pipeline
 
 from cogview_api.config import DEFAULT_MODEL, FULL_RANDOM_MODEL, Settings
+from cogview_api.domain import BatchKey
 from cogview_api.engine import EngineJob, ProgressFn
 from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
 from cogview_api.errors import EngineError, EngineLoadError, EngineOutOfMemory
@@ -241,10 +242,9 @@ class CogView4Engine:
 def _batches(jobs: Sequence[EngineJob]) -> list[list[int]]:
     """Indexes of jobs grouped by what one denoising loop shares, in first-seen order. The
     worker only batches jobs of one key; this keeps any other caller correct."""
-    groups: dict[tuple[int, int, int, float], list[int]] = {}
+    groups: dict[BatchKey, list[int]] = {}
     for i, job in enumerate(jobs):
-        key = (job.width, job.height, job.steps, job.guidance_scale)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(BatchKey.of(job), []).append(i)
     return list(groups.values())
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cogview_api.clock import utcnow
+from cogview_api.domain import OutputFormat
 from cogview_api.errors import NotFound
 from cogview_api.media import CONTENT_TYPES
 from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
@@ -36,7 +37,7 @@ def image_bytes(db: Database, storage: ImageStorage, name: str) -> ImageBytes:
     if data is None:
         raise NotFound(GONE)
     max_age = max(0, int((expires - utcnow()).total_seconds()))
-    return ImageBytes(data=data, content_type=CONTENT_TYPES[fmt], max_age=max_age)
+    return ImageBytes(data=data, content_type=CONTENT_TYPES[OutputFormat(fmt)], max_age=max_age)
 
 
 def presigner(mode: str, storage: ImageStorage) -> Callable[[str, int], str] | None:

@@ -13,27 +13,16 @@ cannot overwrite whoever took the task next.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, case, delete, func, insert, select, update
 
 from cogview_api.clock import utcnow
-from cogview_api.domain import Stage, Task, TaskState
+from cogview_api.domain import BatchKey, Stage, TaskState
 from cogview_api.store.notify import announce
 from cogview_api.store.tables import tasks, workers
 from cogview_api.store.tasks import fail_task
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What tasks must share to run in one engine call."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
 
 
 def claim_batch(
@@ -125,10 +114,6 @@ def _pick_batch_key(conn: Connection, load: Mapping[str, int]) -> BatchKey | Non
         if head is not None:
             return BatchKey(head.width, head.height, head.steps, head.guidance_scale)
     return None
-
-
-def batch_key_of(task: Task) -> BatchKey:
-    return BatchKey(task.width, task.height, task.steps, task.guidance_scale)
 
 
 def renew_leases(

@@ -18,7 +18,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, insert, select, update
 
 from cogview_api.clock import utcnow
-from cogview_api.domain import WebhookAttempt, WebhookDelivery
+from cogview_api.domain import (
+    DeliveryState,
+    TaskState,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEvent,
+)
 from cogview_api.signing import new_message_id
 from cogview_api.store.tables import (
     api_keys,
@@ -26,10 +32,6 @@ from cogview_api.store.tables import (
     webhook_attempts,
     webhook_deliveries,
 )
-
-PENDING = "pending"  # due at next_attempt_at
-DELIVERED = "delivered"  # a 2xx answer; terminal
-FAILED = "failed"  # the retry schedule ran out; terminal
 
 _d = webhook_deliveries
 
@@ -60,9 +62,9 @@ def enqueue_delivery(conn: Connection, *, task_id: str) -> None:
             task_id=task_id,
             key_id=row.key_id,
             url=row.callback_url,
-            event=f"task.{row.state}",
+            event=WebhookEvent.of(TaskState(row.state)),
             body=None,
-            state=PENDING,
+            state=DeliveryState.PENDING,
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -74,7 +76,7 @@ def any_due(conn: Connection, *, now: datetime | None = None) -> bool:
     """A read-only look, so an idle dispatcher does not take SQLite's write lock every poll."""
     due = conn.execute(
         select(_d.c.id)
-        .where(_d.c.state == PENDING, _d.c.next_attempt_at <= (now or utcnow()))
+        .where(_d.c.state == DeliveryState.PENDING, _d.c.next_attempt_at <= (now or utcnow()))
         .limit(1)
     ).first()
     return due is not None
@@ -91,7 +93,7 @@ def claim_due(
     rows = conn.execute(
         select(_d.c.id, _d.c.task_id, _d.c.url, _d.c.body, _d.c.attempts, api_keys.c.webhook_secret)
         .select_from(_d.join(api_keys, api_keys.c.id == _d.c.key_id))
-        .where(_d.c.state == PENDING, _d.c.next_attempt_at <= now)
+        .where(_d.c.state == DeliveryState.PENDING, _d.c.next_attempt_at <= now)
         .order_by(_d.c.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True, of=_d)
@@ -129,7 +131,7 @@ def record_attempt(
     error: str | None,
     retry_delays: Sequence[float],
     now: datetime | None = None,
-) -> str:
+) -> DeliveryState:
     """Record one attempt and decide what comes next; returns the delivery's state.
 
     A 2xx answer delivers it; anything else is retried after `retry_delays[number - 1]`
@@ -148,19 +150,24 @@ def record_attempt(
         )
     )
     if status_code is not None and 200 <= status_code < 300:
-        values: dict[str, object] = {"state": DELIVERED, "next_attempt_at": None}
+        values: dict[str, object] = {"state": DeliveryState.DELIVERED, "next_attempt_at": None}
     elif delivery.number > len(retry_delays):
-        values = {"state": FAILED, "next_attempt_at": None}
+        values = {"state": DeliveryState.FAILED, "next_attempt_at": None}
     else:
         values = {"next_attempt_at": now + timedelta(seconds=retry_delays[delivery.number - 1])}
     if "state" in values:
         values["finished_at"] = now
     conn.execute(
         update(_d)
-        .where(_d.c.id == delivery.id, _d.c.state == PENDING, _d.c.attempts == delivery.number)
+        .where(
+            _d.c.id == delivery.id,
+            _d.c.state == DeliveryState.PENDING,
+            _d.c.attempts == delivery.number,
+        )
         .values(**values)
     )
-    return str(conn.execute(select(_d.c.state).where(_d.c.id == delivery.id)).scalar_one())
+    state = conn.execute(select(_d.c.state).where(_d.c.id == delivery.id)).scalar_one()
+    return DeliveryState(state)
 
 
 def deliveries_of(conn: Connection, task_ids: Sequence[str]) -> dict[str, WebhookDelivery]:
@@ -184,8 +191,8 @@ def deliveries_of(conn: Connection, task_ids: Sequence[str]) -> dict[str, Webhoo
     return {
         r.task_id: WebhookDelivery(
             id=r.id,
-            event=r.event,
-            state=r.state,
+            event=WebhookEvent(r.event),
+            state=DeliveryState(r.state),
             attempts=tuple(attempts.get(r.id, ())),
             next_attempt_at=r.next_attempt_at,
         )

@@ -15,10 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from cogview_api.clock import utcnow
 from cogview_api.config import Settings
-from cogview_api.domain import ImageRecord, Stage, Task, new_image_token
+from cogview_api.domain import BatchKey, ImageRecord, Stage, Task, new_image_token
 from cogview_api.engine import Engine, EngineJob
 from cogview_api.errors import CogviewError, EngineError
 from cogview_api.media import CONTENT_TYPES
@@ -27,6 +28,9 @@ from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.worker.encode import encode_image
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +136,7 @@ class Worker:
         room = self.settings.max_batch_size - len(batch)
         if room <= 0 or self.settings.batch_timeout <= 0:
             return []
-        key = queue.batch_key_of(batch[0])
+        key = BatchKey.of(batch[0])
         deadline = time.monotonic() + self.settings.batch_timeout
         more: list[str] = []
         while room > 0 and not self.stop.is_set():
@@ -205,7 +209,7 @@ class Worker:
             log.warning("progress of task %s not recorded: %s", task_id, exc.message)
             return True
 
-    def _finish(self, task: Task, imgs: Sequence[object]) -> None:
+    def _finish(self, task: Task, imgs: Sequence[Image]) -> None:
         records: list[ImageRecord] = []
         try:
             with self.db.write() as conn:
@@ -218,14 +222,14 @@ class Worker:
             for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
                 token = new_image_token()
                 key = f"{task.created_at:%Y/%m/%d}/{task.id}/{index}-{token}.{task.output_format}"
-                data = encode_image(image, task.output_format)  # type: ignore[arg-type]
+                data = encode_image(image, task.output_format)
                 self.storage.put(key, data, CONTENT_TYPES[task.output_format])
                 records.append(
                     ImageRecord(
                         token=token,
                         index=index,
-                        width=image.width,  # type: ignore[attr-defined]
-                        height=image.height,  # type: ignore[attr-defined]
+                        width=image.width,
+                        height=image.height,
                         seed=seed,
                         format=task.output_format,
                         storage_key=key,
