@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,17 +37,47 @@ def pg_cluster() -> Iterator[pg.PgCluster]:
         cluster.stop()
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each backend: a SQLite file, or a new PostgreSQL database
-    (dropped afterwards: each one is a few MB on disk)."""
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file at the newest schema, migrated once for the session; tests get copies."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "cogview.db"
+    database = Database(f"sqlite:///{path}")
+    try:
+        database.migrate()
+    finally:
+        database.dispose()
+    # The last connection closed checkpointed the WAL into the file: it is the whole database.
+    assert not path.with_name(path.name + "-wal").exists()
+    return path
+
+
+def _fresh_database(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated: bool
+) -> Iterator[str]:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/cogview.db"
+        path = tmp_path / "cogview.db"
+        if migrated:
+            shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
         return
     cluster: pg.PgCluster = request.getfixturevalue("pg_cluster")
-    url = cluster.create_database()
+    url = cluster.create_database(migrated=migrated)
     yield url
-    cluster.drop_database(url)
+    cluster.drop_database(url)  # each one is a few MB on disk
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database of each backend, this test's own, at the newest schema: a copy of the
+    session's migrated template (a SQLite file, or a PostgreSQL database made with
+    `CREATE DATABASE ... TEMPLATE`, dropped afterwards)."""
+    yield from _fresh_database(request, tmp_path, migrated=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each backend (no tables), for tests of the migrations."""
+    yield from _fresh_database(request, tmp_path, migrated=False)
 
 
 def make_settings(tmp_path: Path, cache: Path, **overrides: object) -> Settings:
@@ -71,7 +102,8 @@ def settings(tmp_path: Path, tiny_cache: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 def db(settings: Settings) -> Iterator[Database]:
-    """The settings' database, migrated to the newest schema."""
+    """The settings' database at the newest schema (`migrate` finds nothing to do on a copy of
+    the template; it is there for modules whose `settings` name another database)."""
     database = Database(settings.database_url)
     database.migrate()
     try:
