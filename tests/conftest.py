@@ -13,6 +13,27 @@ from tests import pg
 from tests.support import TEST_ENV, InProcessApi, in_process_api
 
 BACKENDS = ["sqlite", "pg"]
+# Each folder under tests/ is a tier, and every test in it carries that tier's marker
+# (registered in pyproject.toml), so that `-m "not e2e"` or `-m unit` select by folder.
+TIERS = ("unit", "api", "integration", "e2e")
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered = []
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue
+        tier = item.path.relative_to(TESTS).parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+        else:
+            untiered.append(item.nodeid)
+    if untiered:
+        raise pytest.UsageError(
+            f"these tests are in no tier folder, tests/{{{','.join(TIERS)}}}/: "
+            + ", ".join(untiered[:5])
+        )
 
 
 @pytest.fixture(scope="session")

@@ -134,14 +134,16 @@ class ServerProcess:
         return data
 
     def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
-        self.log = open(self.workdir / f"serve-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*CLI, "serve", "--port", str(self.port), *self.args],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        """Start (or, after `kill`, start again) the server; returns once it answers. The child
+        writes its log to the file: this process keeps no handle open past the start."""
+        with open(self.workdir / f"serve-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [*CLI, "serve", "--port", str(self.port), *self.args],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         path = "/readyz" if wait_ready else "/healthz"
         while time.monotonic() < deadline:
@@ -172,8 +174,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if getattr(self, "log", None):
-            self.log.close()
 
 
 def server_env(cache_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
