@@ -95,17 +95,17 @@ def serve(settings: Settings) -> None:
             log.warning(
                 "no API keys yet: create one with `cogview-api keys create --name me --credits 100`"
             )
-    app = create_app(
-        settings,
-        db=db,
-        storage=storage,
-        on_submit=[w.wake.set for w in workers],
-        signals=signals,
-    )
     try:
         if settings.http_processes > 1:
-            serve_http_processes(settings)
+            serve_http_processes(settings)  # each HTTP process builds its own app
         else:
+            app = create_app(
+                settings,
+                db=db,
+                storage=storage,
+                on_submit=[w.wake.set for w in workers],
+                signals=signals,
+            )
             config = uvicorn.Config(
                 app,
                 host=settings.host,

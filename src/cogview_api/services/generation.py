@@ -73,9 +73,7 @@ def submit_idempotent(
     record of the same request answers with its task (`replayed`); of another request,
     Conflict, with nothing written.
     """
-    refuse_unstorable_text(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, user_id=request.user_id
-    )
+    _refuse_unstorable(request)
     if idempotency is not None:
         with db.read() as conn:
             prior = _prior(conn, key, idempotency)
@@ -124,8 +122,9 @@ def submit_for(
         return Submission(task, replayed=False)
     with db.read() as conn:
         key = authenticate_in(conn, secret)
-        if problem is not None or submit is None:
-            raise problem or InvalidRequest("The request could not be read.")
+        if problem is not None:
+            raise problem
+        assert submit is not None  # read_request returned, or raised `problem`
         request, idem = submit.generation, submit.idempotency
         _refuse_unstorable(request)
         if idem is not None:
@@ -217,18 +216,13 @@ def _replay(
 
 def refuse_unsafe_callback(url: str | None, settings: Settings) -> None:
     """InvalidRequest, before anything is written, for a callback_url whose host resolves to an
-    address webhooks may not reach (loopback, private, link-local...; see webhooks.addresses)."""
+    address webhooks may not reach (loopback, private, link-local...; see cogview_api.addresses)."""
     if url is None:
         return
     try:
         check_url(url, parse_allow_list(settings.webhook_allow_hosts))
     except UnsafeTarget as exc:
         raise InvalidRequest(str(exc), param="callback_url") from exc
-
-
-def get_task(db: Database, *, key: ApiKey, task_id: str) -> Task:
-    with db.read() as conn:
-        return task_store.get_task(conn, task_id, key_id=key.id)
 
 
 def get_task_for(db: Database, *, secret: str | None, task_id: str) -> Task:

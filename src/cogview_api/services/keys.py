@@ -91,13 +91,6 @@ class Account:
     credits_spent: int
 
 
-def account(db: Database, key: ApiKey) -> Account:
-    with db.read() as conn:
-        current = key_store.get_key(conn, key.id)
-        generated, spent = key_store.account_totals(conn, key.id)
-    return Account(key=current, images_generated=generated, credits_spent=spent)
-
-
 def account_for(db: Database, secret: str | None) -> Account:
     """The account of a bearer secret's key: authenticated and read in one transaction."""
     with db.read() as conn:

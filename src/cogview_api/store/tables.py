@@ -217,7 +217,3 @@ workers = Table(
     Column("started_at", UTCDateTime, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
