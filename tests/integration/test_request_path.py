@@ -5,10 +5,11 @@ submit answers with the task as a fresh read gives it."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, ImageRecord, Size, TaskState
@@ -124,3 +125,55 @@ def test_a_full_queue_refuses_and_writes_nothing(db: Database, settings: Setting
     after = key_service.account_for(db, secret)
     assert after.key.balance == before.key.balance
     assert _counted(db) == (2, 2)
+
+
+def test_two_claims_taking_tasks_in_opposite_orders_both_commit(
+    db: Database, settings: Settings
+) -> None:
+    """Two transactions each move two tasks out of the queue, in the opposite order of the
+    tasks' seq % 16 stripes: transaction 1 moves a task of stripe 1, then one of stripe 2;
+    transaction 2 one of stripe 2, then one of stripe 1. With 0004's stripes by seq PostgreSQL
+    aborted one of them ("deadlock detected"); with a stripe per connection both commit, and
+    the counter is exact after."""
+    key, _ = key_service.create_key(db, name="k", credits=100)
+    ids = _submit(db, settings, key, 18)
+    with db.read() as conn:
+        seq = dict(conn.execute(select(tasks.c.id, tasks.c.seq).where(tasks.c.id.in_(ids))).all())
+    by_stripe: dict[int, list[str]] = {}
+    for task_id in ids:
+        by_stripe.setdefault(seq[task_id] % 16, []).append(task_id)
+    (a, d), (b, c) = by_stripe[seq[ids[0]] % 16], by_stripe[seq[ids[1]] % 16]
+
+    def claim(conn: Connection, task_id: str) -> None:
+        conn.execute(update(tasks).where(tasks.c.id == task_id).values(state=TaskState.RUNNING))
+
+    second_moved_b, first_moves_c = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with db.write() as conn:
+                claim(conn, b)
+                second_moved_b.set()
+                first_moves_c.wait(10)
+                claim(conn, d)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            second_moved_b.set()
+
+    thread = threading.Thread(target=second)
+    try:
+        with db.write() as conn:
+            claim(conn, a)
+            thread.start()
+            # On a shared stripe (both connections' pids equal mod 16) the second transaction
+            # waits for this one's commit instead: no deadlock either, nothing to wait for here.
+            second_moved_b.wait(2)
+            first_moves_c.set()
+            claim(conn, c)
+    finally:
+        first_moves_c.set()
+        thread.join(30)
+    assert errors == []
+    assert _counted(db) == (14, 14)

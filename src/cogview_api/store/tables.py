@@ -196,8 +196,10 @@ webhook_attempts = Table(
     Index("ix_webhook_attempts_delivery_id", "delivery_id"),
 )
 
-# How many tasks wait, in 16 stripes (a task counts in stripe seq % 16), kept exact by triggers
-# on `tasks` (migration 0004): the submit reads 16 rows instead of counting the queue. A migration
+# How many tasks wait, as the sum of 16 stripes, kept exact by triggers on `tasks` (migrations
+# 0004, 0005: on SQLite a task counts in stripe seq % 16; on PostgreSQL each connection updates
+# its own stripe, so no two transactions wait on each other's): the submit reads 16 rows instead
+# of counting the queue. A migration
 # that rebuilds `tasks` on SQLite (batch mode) drops those triggers and must create them again.
 queue_depth = Table(
     "queue_depth",
