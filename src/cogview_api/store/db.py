@@ -57,7 +57,11 @@ def _sqlite_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get("cogview_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # Straight to sqlite3, as a driver statement costs a pass through SQLAlchemy's execution
+        # machinery (events, compiled cache, result) that a BEGIN has no use for: 6% of a poll.
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None  # a connection that begins is checked out, so it has one
+        dbapi.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 

@@ -92,6 +92,15 @@ def revoke_key(conn: Connection, key_id: str) -> ApiKey:
     return get_key(conn, key_id)
 
 
+# Every submit moves credits: built once (building them cost more than running them).
+_MOVE_CREDITS = (
+    update(api_keys)
+    .where(api_keys.c.id == bindparam("key_id"), api_keys.c.balance + bindparam("amount") >= 0)
+    .values(balance=api_keys.c.balance + bindparam("amount"))
+)
+_INSERT_LEDGER = insert(ledger)
+
+
 def add_credits(
     conn: Connection,
     *,
@@ -102,18 +111,20 @@ def add_credits(
     note: str | None = None,
 ) -> None:
     """Move credits by `amount` (signed). Raises InsufficientCredits rather than go below zero."""
-    result = conn.execute(
-        update(api_keys)
-        .where(api_keys.c.id == key_id, api_keys.c.balance + amount >= 0)
-        .values(balance=api_keys.c.balance + amount)
-    )
+    result = conn.execute(_MOVE_CREDITS, {"key_id": key_id, "amount": amount})
     if result.rowcount != 1:
         get_key(conn, key_id)  # NotFound for an unknown key
         raise InsufficientCredits("Insufficient credits for this request.")
     conn.execute(
-        insert(ledger).values(
-            key_id=key_id, kind=kind, amount=amount, task_id=task_id, note=note, created_at=utcnow()
-        )
+        _INSERT_LEDGER,
+        {
+            "key_id": key_id,
+            "kind": kind,
+            "amount": amount,
+            "task_id": task_id,
+            "note": note,
+            "created_at": utcnow(),
+        },
     )
 
 
