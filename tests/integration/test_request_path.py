@@ -13,7 +13,7 @@ from sqlalchemy import Connection, func, select, update
 
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, ImageRecord, Size, TaskState
-from cogview_api.errors import ServiceUnavailable
+from cogview_api.errors import AuthenticationFailed, NotFound, PermissionDenied, ServiceUnavailable
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.store import keys as key_store
@@ -177,3 +177,26 @@ def test_two_claims_taking_tasks_in_opposite_orders_both_commit(
         thread.join(30)
     assert errors == []
     assert _counted(db) == (14, 14)
+
+
+def test_a_poll_checks_its_key_in_the_statement_that_reads_the_task(
+    db: Database, settings: Settings
+) -> None:
+    """The poll's one statement (key by secret, task beside it) answers as the two reads did:
+    the task for its own key; 404 for another key's task or an unknown id; 401 for an unknown
+    secret; 403 once the key is revoked, from the next poll on."""
+    key, secret = key_service.create_key(db, name="k", credits=100)
+    _, other = key_service.create_key(db, name="other", credits=100)
+    (task_id,) = _submit(db, settings, key, 1)
+    with db.read() as conn:
+        assert generation.get_task_for(db, secret=secret, task_id=task_id) == (
+            task_store.get_task(conn, task_id)
+        )
+    for who, which in ((other, task_id), (secret, "no-such-task")):
+        with pytest.raises(NotFound):
+            generation.get_task_for(db, secret=who, task_id=which)
+    with pytest.raises(AuthenticationFailed):
+        generation.get_task_for(db, secret=secret + "x", task_id=task_id)
+    key_service.revoke_key(db, key.id)
+    with pytest.raises(PermissionDenied):
+        generation.get_task_for(db, secret=secret, task_id=task_id)

@@ -12,8 +12,15 @@ from sqlalchemy import Connection
 from cogview_api.addresses import UnsafeTarget, check_url, parse_allow_list
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
-from cogview_api.errors import CogviewError, Conflict, InvalidRequest, ServiceUnavailable
-from cogview_api.services.keys import authenticate_in
+from cogview_api.errors import (
+    AuthenticationFailed,
+    CogviewError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
+from cogview_api.services.keys import authenticate_in, usable_key
 from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store import tasks as task_store
@@ -226,10 +233,16 @@ def refuse_unsafe_callback(url: str | None, settings: Settings) -> None:
 
 
 def get_task_for(db: Database, *, secret: str | None, task_id: str) -> Task:
-    """A bearer secret's task: the key checked and the task read in one transaction."""
+    """A bearer secret's task: the key checked and the task read in one transaction, by one
+    statement (a finished task's images, a waiting one's position, by a second)."""
+    if not secret:
+        raise AuthenticationFailed()
     with db.read() as conn:
-        key = authenticate_in(conn, secret)
-        return task_store.get_task(conn, task_id, key_id=key.id)
+        key, task = task_store.find_key_and_own_task(conn, secret=secret, task_id=task_id)
+        usable_key(key)
+        if task is None:
+            raise NotFound(f"No task with id {task_id!r}.")
+        return task
 
 
 # The `error` of a cancelled task. 499 is what Google's APIs map their CANCELLED code to

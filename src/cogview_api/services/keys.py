@@ -28,7 +28,12 @@ def authenticate_in(conn: Connection, secret: str | None) -> ApiKey:
     Raises AuthenticationFailed (no or unknown secret) or PermissionDenied (revoked)."""
     if not secret:
         raise AuthenticationFailed()
-    key = key_store.find_key_by_secret(conn, secret)
+    return usable_key(key_store.find_key_by_secret(conn, secret))
+
+
+def usable_key(key: ApiKey | None) -> ApiKey:
+    """The key found for a bearer secret, if it may be used. Raises AuthenticationFailed (no
+    such key) or PermissionDenied (revoked)."""
     if key is None:
         raise AuthenticationFailed()
     if key.revoked_at is not None:

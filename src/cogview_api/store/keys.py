@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import ApiKey
@@ -151,8 +153,12 @@ def ledger_sum(conn: Connection, key_id: str) -> int:
     )
 
 
-def _key(row: object) -> ApiKey:
-    m = row._mapping  # type: ignore[attr-defined]
+def _key(row: Row[Any]) -> ApiKey:
+    return key_from(row._mapping)
+
+
+def key_from(m: Mapping[Any, Any]) -> ApiKey:
+    """The key of a row of `api_keys`, by column name."""
     return ApiKey(
         id=m["id"],
         name=m["name"],

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import (
+    ApiKey,
     GenerationRequest,
     ImageRecord,
     Stage,
@@ -20,15 +21,26 @@ from cogview_api.domain import (
     new_task_id,
 )
 from cogview_api.errors import NotFound, ServiceUnavailable
-from cogview_api.store.keys import add_credits
+from cogview_api.store.keys import add_credits, hash_key, key_from
 from cogview_api.store.notify import announce
-from cogview_api.store.tables import images, queue_depth, tasks
+from cogview_api.store.tables import api_keys, images, queue_depth, tasks
 from cogview_api.store.webhooks import deliveries_of, enqueue_delivery
 
 # The hot statements, built once: each request binds its values to them. Building a statement
 # and its cache key costs more than executing it on SQLite (the issue's profile).
 _TASK = select(tasks).where(tasks.c.id == bindparam("task_id"))
 _OWN_TASK = _TASK.where(tasks.c.key_id == bindparam("key_id"))
+# A poll in one statement: the key of a bearer secret's hash and, beside it, its task of that
+# id (NULLs when the key has no such task); the key's columns are labelled `key_...`.
+_KEY_AND_OWN_TASK = (
+    select(*(c.label("key_" + c.name) for c in api_keys.c), tasks)
+    .select_from(
+        api_keys.outerjoin(
+            tasks, and_(tasks.c.id == bindparam("task_id"), tasks.c.key_id == api_keys.c.id)
+        )
+    )
+    .where(api_keys.c.key_hash == bindparam("key_hash"))
+)
 _TASK_IMAGES = select(images).where(images.c.task_id == bindparam("task_id")).order_by(images.c.idx)
 _INSERT_TASK = insert(tasks)
 _WAITING = select(func.coalesce(func.sum(queue_depth.c.waiting), 0))
@@ -120,11 +132,31 @@ def get_task(conn: Connection, task_id: str, *, key_id: str | None = None) -> Ta
         row = conn.execute(_OWN_TASK, {"task_id": task_id, "key_id": key_id}).first()
     if row is None:
         raise NotFound(f"No task with id {task_id!r}.")
-    state = TaskState(row.state)
+    return _task_in_full(conn, row._mapping)
+
+
+def find_key_and_own_task(
+    conn: Connection, *, secret: str, task_id: str
+) -> tuple[ApiKey | None, Task | None]:
+    """The key of a bearer secret (None: no such key) and its task of that id (None: no such
+    task, or another key's), read together by one statement."""
+    row = conn.execute(
+        _KEY_AND_OWN_TASK, {"key_hash": hash_key(secret), "task_id": task_id}
+    ).first()
+    if row is None:
+        return None, None
+    m = row._mapping
+    key = key_from({c.name: m["key_" + c.name] for c in api_keys.c})
+    return key, (None if m["id"] is None else _task_in_full(conn, m))
+
+
+def _task_in_full(conn: Connection, m: Any) -> Task:
+    """The task of a row of `tasks`, with its images, webhook and queue position."""
+    state = TaskState(m["state"])
     # Images are written in the transaction that completes the task, and only then.
-    task = _task(row._mapping, _task_images(conn, task_id) if state is TaskState.COMPLETED else ())
+    task = _task(m, _task_images(conn, m["id"]) if state is TaskState.COMPLETED else ())
     if task.callback_url is not None:
-        task = replace(task, webhook=deliveries_of(conn, [task_id]).get(task_id))
+        task = replace(task, webhook=deliveries_of(conn, [task.id]).get(task.id))
     if state is TaskState.QUEUED:
         task = replace(task, queue_position=queue_position(conn, task.seq))
     return task
