@@ -27,6 +27,7 @@ from cogview_api.config import Settings
 from cogview_api.engine import EngineJob, ProgressFn
 from cogview_api.errors import EngineOutOfMemory
 from cogview_api.services import keys as key_service
+from cogview_api.services.backends import Backends
 from cogview_api.storage import open_storage
 from cogview_api.store.db import Database
 from cogview_api.worker.loop import Worker
@@ -80,7 +81,7 @@ def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
     """The app from the factory behind a real uvicorn on a free port, in a thread."""
     db = Database(settings.database_url)
     db.migrate()
-    app = create_app(settings, db=db)
+    app = create_app(settings, backends=Backends.open(settings, db=db))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -16,6 +16,7 @@ from cogview_api.api.app import create_app
 from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
+from cogview_api.services.backends import Backends
 from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
@@ -101,8 +102,7 @@ def serve(settings: Settings) -> None:
         else:
             app = create_app(
                 settings,
-                db=db,
-                storage=storage,
+                backends=Backends.open(settings, db=db, storage=storage),
                 on_submit=[w.wake.set for w in workers],
                 signals=signals,
             )

@@ -99,12 +99,13 @@ def test_the_api_and_the_echo_engine_never_import_torch(tmp_path: Path) -> None:
         from cogview_api import server
         from cogview_api.api.app import create_app
         from cogview_api.config import Settings
+        from cogview_api.services.backends import Backends
         from cogview_api.store.db import Database
 
         settings = Settings(model="test-echo", workers=0)
         db = Database(settings.database_url)
         db.migrate()
-        app = create_app(settings, db=db)
+        app = create_app(settings, backends=Backends.open(settings, db=db))
         with TestClient(app) as client:
             assert client.get("/healthz").status_code == 200
             assert client.get("/openapi.json").status_code == 200

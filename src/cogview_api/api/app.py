@@ -14,22 +14,21 @@ from cogview_api.api.routes import health, images, native, openai_compat, page, 
 from cogview_api.api.routes.page import STATIC
 from cogview_api.api.serving import GenerationServing
 from cogview_api.config import Settings
+from cogview_api.services.backends import Backends
 from cogview_api.services.images import presigner
 from cogview_api.services.signals import TaskSignals
-from cogview_api.storage import ImageStorage, open_storage
-from cogview_api.store.db import Database
 
 
 def create_app(
     settings: Settings,
     *,
-    db: Database | None = None,
-    storage: ImageStorage | None = None,
+    backends: Backends | None = None,
     on_submit: Sequence[Callable[[], None]] = (),
     signals: TaskSignals | None = None,
 ) -> FastAPI:
-    """The HTTP app. `on_submit` callbacks run after each accepted task, and in-process workers
-    call `signals.notify` when a task settles: both spare a wait for the next poll."""
+    """The HTTP app, on `backends` (else the settings' database and storage). `on_submit`
+    callbacks run after each accepted task, and in-process workers call `signals.notify` when a
+    task settles: both spare a wait for the next poll."""
     app = FastAPI(
         title="cogview-api",
         version=__version__,
@@ -38,18 +37,13 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.db = db or Database(settings.database_url)
-    app.state.storage = storage or open_storage(
-        settings.storage_url,
-        s3_endpoint_url=settings.s3_endpoint_url,
-        s3_public_endpoint_url=settings.s3_public_endpoint_url,
-    )
+    app.state.backends = backends = backends or Backends.open(settings)
     app.state.signals = signals or TaskSignals()
     app.state.serving = GenerationServing(
         settings=settings,
-        db=app.state.db,
+        backends=backends,
         signals=app.state.signals,
-        presign=presigner(settings.image_urls, app.state.storage),
+        presign=presigner(settings.image_urls, backends.storage),
         on_submit=on_submit,
     )
     install_error_handlers(app)

@@ -15,8 +15,7 @@ from cogview_api.api.present import ImageLinks
 from cogview_api.api.serving import GenerationServing, bearer_secret
 from cogview_api.config import Settings
 from cogview_api.errors import AuthenticationFailed
-from cogview_api.storage import ImageStorage
-from cogview_api.store.db import Database
+from cogview_api.services.backends import Backends
 
 
 async def get_settings(request: Request) -> Settings:
@@ -24,14 +23,9 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_db(request: Request) -> Database:
-    db: Database = request.app.state.db
-    return db
-
-
-async def get_storage(request: Request) -> ImageStorage:
-    storage: ImageStorage = request.app.state.storage
-    return storage
+async def get_backends(request: Request) -> Backends:
+    backends: Backends = request.app.state.backends
+    return backends
 
 
 async def get_serving(request: Request) -> GenerationServing:
@@ -53,8 +47,9 @@ async def image_links(request: Request) -> ImageLinks:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DbDep = Annotated[Database, Depends(get_db)]
-StorageDep = Annotated[ImageStorage, Depends(get_storage)]
+# The database and the image storage, as one handle from the services (the API never imports
+# the store or the storage): its parts go to the service functions.
+BackendsDep = Annotated[Backends, Depends(get_backends)]
 ServingDep = Annotated[GenerationServing, Depends(get_serving)]
 # A bearer secret that is present; whose key it is, the service checks in its transaction.
 Secret = Annotated[str, Depends(get_secret)]

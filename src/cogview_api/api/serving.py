@@ -28,9 +28,9 @@ from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Task, TaskState
 from cogview_api.errors import TaskCancelled, TaskFailed, WaitTimedOut
 from cogview_api.services import generation
+from cogview_api.services.backends import Backends
 from cogview_api.services.generation import Submission, SubmitRequest
 from cogview_api.services.signals import TaskSignals
-from cogview_api.store.db import Database
 
 # How often a waiting request re-reads its task, for workers in other processes (an in-process
 # worker signals the end at once).
@@ -74,13 +74,13 @@ class GenerationServing:
         self,
         *,
         settings: Settings,
-        db: Database,
+        backends: Backends,
         signals: TaskSignals,
         presign: Presign | None,
         on_submit: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
-        self.db = db
+        self.db = backends.db
         self.signals = signals
         self.presign = presign
         self.on_submit = tuple(on_submit)

@@ -1,14 +1,16 @@
-"""Images after their task: the bytes behind `/images/{token}.{fmt}`, and the signer of
-presigned image URLs (COGVIEW_IMAGE_URLS=presigned)."""
+"""Images after their task: the bytes behind `/images/{token}.{fmt}`, a task's images as
+base64 (OpenAI's `b64_json`), and the signer of presigned image URLs
+(COGVIEW_IMAGE_URLS=presigned)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cogview_api.clock import utcnow
-from cogview_api.domain import OutputFormat
-from cogview_api.errors import NotFound
+from cogview_api.domain import OutputFormat, Task
+from cogview_api.errors import CogviewError, NotFound
 from cogview_api.media import CONTENT_TYPES
 from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
 from cogview_api.store import tasks as task_store
@@ -38,6 +40,17 @@ def image_bytes(db: Database, storage: ImageStorage, name: str) -> ImageBytes:
         raise NotFound(GONE)
     max_age = max(0, int((expires - utcnow()).total_seconds()))
     return ImageBytes(data=data, content_type=CONTENT_TYPES[OutputFormat(fmt)], max_age=max_age)
+
+
+def images_base64(storage: ImageStorage, task: Task) -> list[str]:
+    """A completed task's image files, base64-encoded, in order."""
+    encoded = []
+    for image in task.images:
+        data = storage.get(image.storage_key)
+        if data is None:
+            raise CogviewError(f"The images of task {task.id} are no longer stored.")
+        encoded.append(base64.b64encode(data).decode("ascii"))
+    return encoded
 
 
 def presigner(mode: str, storage: ImageStorage) -> Callable[[str, int], str] | None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from cogview_api.api import examples
-from cogview_api.api.deps import DbDep, SettingsDep
+from cogview_api.api.deps import BackendsDep, SettingsDep
 from cogview_api.api.errors import error_response
 from cogview_api.api.openapi import error_responses, json_200
 from cogview_api.errors import ServiceUnavailable
@@ -36,13 +36,13 @@ def healthz() -> dict[str, Any]:
     },
     summary="Database reachable and a worker has the model loaded",
 )
-def readyz(db: DbDep, settings: SettingsDep) -> Any:
-    if not db.ping():
+def readyz(backends: BackendsDep, settings: SettingsDep) -> Any:
+    if not backends.ping():
         return error_response(
             503, "service_unavailable", "The database is unreachable.", headers={"Retry-After": "5"}
         )
     try:
-        ready = health_service.ready_workers(db, settings)
+        ready = health_service.ready_workers(backends.db, settings)
     except ServiceUnavailable:
         ready = 0
     if ready == 0:

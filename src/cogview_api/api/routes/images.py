@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from cogview_api.api.deps import DbDep, StorageDep
+from cogview_api.api.deps import BackendsDep
 from cogview_api.api.openapi import error_responses
 from cogview_api.media import CONTENT_TYPES
 from cogview_api.services import images as image_service
@@ -28,8 +28,8 @@ router = APIRouter(tags=["images"])
         **error_responses("native", 404, 500, 503, messages={404: image_service.GONE}),
     },
 )
-def get_image(name: str, db: DbDep, storage: StorageDep) -> Response:
-    image = image_service.image_bytes(db, storage, name)
+def get_image(name: str, backends: BackendsDep) -> Response:
+    image = image_service.image_bytes(backends.db, backends.storage, name)
     return Response(
         image.data,
         media_type=image.content_type,

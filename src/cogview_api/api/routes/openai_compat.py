@@ -3,8 +3,6 @@ credits as the native API. The official `openai` client works with `base_url` se
 
 from __future__ import annotations
 
-import base64
-
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -14,12 +12,10 @@ from cogview_api.api.compat_schemas import (
     OpenAIImageCreate,
     OpenAIImagesResponse,
 )
-from cogview_api.api.deps import BaseUrl, Secret, ServingDep, StorageDep
+from cogview_api.api.deps import BackendsDep, BaseUrl, Secret, ServingDep
 from cogview_api.api.idempotency import REPLAYED_HEADER
 from cogview_api.api.openapi import sync_generation_docs
-from cogview_api.domain import Task
-from cogview_api.errors import CogviewError
-from cogview_api.storage import ImageStorage
+from cogview_api.services import images as image_service
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -41,7 +37,7 @@ async def create_image(
     response: Response,
     secret: Secret,
     serving: ServingDep,
-    storage: StorageDep,
+    backends: BackendsDep,
     base: BaseUrl,
 ) -> OpenAIImagesResponse:
     done = await serving.generate(
@@ -54,18 +50,8 @@ async def create_image(
         response.headers[REPLAYED_HEADER] = "true"
     body, task = done.body, done.task
     if body.response_format == "b64_json":
-        encoded = await run_in_threadpool(images_base64, storage, task)
+        encoded = await run_in_threadpool(image_service.images_base64, backends.storage, task)
         images = [OpenAIImage(b64_json=b64) for b64 in encoded]
     else:
         images = [OpenAIImage(url=base.url(i, task.expires_at)) for i in task.images]
     return OpenAIImagesResponse(created=int(task.created_at.timestamp()), data=images)
-
-
-def images_base64(storage: ImageStorage, task: Task) -> list[str]:
-    encoded = []
-    for image in task.images:
-        data = storage.get(image.storage_key)
-        if data is None:
-            raise CogviewError(f"The images of task {task.id} are no longer stored.")
-        encoded.append(base64.b64encode(data).decode("ascii"))
-    return encoded
