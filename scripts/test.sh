@@ -37,4 +37,8 @@ fi
 
 # The PostgreSQL variants of the store tests fail, not skip, when the server is missing.
 export COGVIEW_TEST_REQUIRE_PG=1
-exec .venv/bin/pytest -q "$@"
+# In parallel (pytest-xdist): one test process per core, at most 4, each with its own
+# PostgreSQL cluster and servers; a module's tests stay together in one process (loadfile), so
+# a module's server is started once. `-n 0` after the command runs everything in this process.
+WORKERS=$(nproc); [ "$WORKERS" -le 4 ] || WORKERS=4
+exec .venv/bin/pytest -q -n "$WORKERS" --dist loadfile "$@"

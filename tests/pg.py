@@ -231,9 +231,10 @@ def _server_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(RUN_AS)
     except KeyError:
+        # Not checked: a parallel test process (pytest-xdist) may have made it first; the
+        # lookup after says whether the user is there.
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", RUN_AS],
-            check=True,
             capture_output=True,
         )
         return pwd.getpwnam(RUN_AS)

@@ -19,9 +19,10 @@ from tests.support import (
     server_env,
 )
 
-# Slow enough to be killed mid-denoising (about 0.3 s a step at 1024*1024 here), with a
-# short lease so the restarted server takes the task back quickly.
-CRASH_ENV = {"COGVIEW_STEPS_HD": "40", "COGVIEW_LEASE_SECONDS": "2"}
+# Slow enough to be killed mid-denoising (about 0.3 s a step at 1024*1024 here: the kill comes
+# at step 2, with 10 steps, 3 s or more, to go), with a short lease so the restarted server
+# takes the task back quickly. Every step more is run again after the restart.
+CRASH_ENV = {"COGVIEW_STEPS_HD": "12", "COGVIEW_LEASE_SECONDS": "2"}
 
 
 def wait_for_stage(client: httpx.Client, task_id: str, key: str, stage: str) -> dict[str, object]:
