@@ -136,6 +136,12 @@ def parse_args() -> argparse.Namespace:
         help="before each phase, wait up to this many seconds for 5 quiet seconds (120)",
     )
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "cogview-api")
+    p.add_argument(
+        "--src",
+        type=Path,
+        help="run the servers from this cogview_api source folder (PYTHONPATH), e.g. an earlier "
+        "commit's `src` from `git archive`, to compare designs with the same script",
+    )
     p.add_argument("--out", type=Path, help="also write the JSON result here")
     return p.parse_args()
 
@@ -342,6 +348,8 @@ def run_config(
     env = server_env(
         args.cache_dir, {"COGVIEW_DATABASE_URL": url, "COGVIEW_MAX_QUEUE": str(MAX_QUEUE)}
     )
+    if args.src is not None:
+        env["PYTHONPATH"] = str(args.src.resolve())
     subprocess.run(
         [*cogview_api_command(), "migrate"], cwd=workdir, env=env, check=True, capture_output=True
     )
@@ -416,7 +424,7 @@ def main() -> int:
         "benchmark": "api_throughput_pg",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "code": code_version(),
+        "code": {**code_version(), "servers_src": str(args.src) if args.src else "this tree"},
         "config": {
             "server": "P x `cogview-api serve --workers 0` (API only), one PostgreSQL, loopback",
             "postgresql": f"{bindir}, tests/pg.py settings: fsync=off, synchronous_commit=off, "
