@@ -31,6 +31,10 @@ def parse_json_object(request: Request, body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from exc
+    except ValueError as exc:  # an integer past Python's 4,300 digits: no field takes one
+        raise InvalidRequest("Request body has a number of too many digits.") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("Request body is nested too deeply.") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     return data

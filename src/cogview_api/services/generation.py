@@ -341,8 +341,12 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, value = raw.partition(":")
-        if prefix != "t":
+        # A task's seq: ASCII digits, within a 64-bit column (SQLite refuses a bigger bind).
+        if prefix != "t" or not (value.isascii() and value.isdigit()) or len(value) > 19:
             raise ValueError(raw)
-        return int(value)
+        seq = int(value)
+        if seq >= 2**63:
+            raise ValueError(raw)
+        return seq
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidRequest("cursor is not valid", param="cursor") from exc

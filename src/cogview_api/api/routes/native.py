@@ -80,12 +80,12 @@ SUBMIT_ANSWER_HEADERS = {
 async def create_generation(
     request: Request, response: Response, secret: Secret, serving: ServingDep, base: BaseUrl
 ) -> SubmitAnswer:
+    wait = requested_wait(request.headers.get("prefer"))  # before anything is written
     accepted = await serving.accept(
         request, surface="native", schema=GenerationCreate, secret=secret
     )
     if accepted.replayed:
         response.headers[REPLAYED_HEADER] = "true"
-    wait = requested_wait(request.headers.get("prefer"))
     if wait:
         finished = await serving.wait(secret, accepted.task.id, wait)
         if finished is not None:
@@ -96,11 +96,13 @@ async def create_generation(
 
 def requested_wait(prefer: str | None) -> int:
     """Seconds asked for by `Prefer: wait=N` (RFC 7240), capped at 60; 0 if none or malformed
-    (a preference the server cannot read is ignored, as the RFC says)."""
+    (a preference the server cannot read is ignored, as the RFC says). N is ASCII digits only:
+    str.isdigit alone also passes superscripts, which int() refuses, and numbers of any length."""
     for pref in (prefer or "").split(","):
         name, _, value = pref.strip().partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
-            return min(int(value), MAX_WAIT_S)
+        value = value.strip()
+        if name.strip().lower() == "wait" and value.isascii() and value.isdigit():
+            return MAX_WAIT_S if len(value) > 3 else min(int(value), MAX_WAIT_S)
     return 0
 
 
