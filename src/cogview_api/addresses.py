@@ -90,8 +90,14 @@ def parse_retry_schedule(text: str) -> tuple[float, ...]:
 
 def refusal_reason(address: IPAddress) -> str | None:
     """Why this address may not receive webhooks, or None when it is a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return refusal_reason(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one reaches that one: judged as it. IPv4-mapped
+        # (::ffff:a.b.c.d) and 6to4 (2002:AABB:CCDD::/48, which Python counts as global even
+        # when it embeds 127.0.0.1); Teredo (2001::/32) and NAT64 (64:ff9b::/96) are refused
+        # below already, as private and reserved.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return refusal_reason(embedded)
     checks = (
         ("loopback", address.is_loopback),
         ("unspecified", address.is_unspecified),
