@@ -10,7 +10,8 @@ from pathlib import Path
 class LocalStorage:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Folders 0700 and files 0600 (mkstemp's mode): the images are their owners' to read.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -20,7 +21,7 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Write beside the target and rename: readers never see half a file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:

@@ -8,9 +8,10 @@ guarded balance update and the `FOR UPDATE SKIP LOCKED` claims are correct at th
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,22 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _owner_only_file(path: Path) -> None:
+    """Make the database file (it holds the keys' webhook signing secrets) readable by its owner
+    only, before SQLite would create it with the umask's mode (0644, typically); SQLite gives
+    its -wal and -shm files the database file's mode. A file that exists keeps its mode, and a
+    folder made here is 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():  # not opened for writing: a read-only database is told apart later
+        return
+    with suppress(FileExistsError):  # another process made it in between
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        _owner_only_file(Path(parsed.database))
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},
