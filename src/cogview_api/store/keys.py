@@ -26,6 +26,8 @@ def create_key(conn: Connection, *, name: str, credits: int) -> tuple[ApiKey, st
     """Make a key; returns it and the secret, which is never stored and never shown again."""
     if credits < 0:
         raise InvalidRequest("credits must not be negative", param="credits")
+    if credits > MAX_CREDITS:
+        raise InvalidRequest(f"credits must be at most {MAX_CREDITS}", param="credits")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(8)
     now = utcnow()
@@ -94,12 +96,20 @@ def revoke_key(conn: Connection, key_id: str) -> ApiKey:
     return get_key(conn, key_id)
 
 
+# The most credits a grant may bring a key to, and so the most one may move. Far below 2^63 - 1:
+# `balance + amount` of such values cannot overflow the 64-bit column, where SQLite would
+# silently turn the balance into a float (and PostgreSQL refuse it). A refund is never refused:
+# it may take a balance past this by the price of one task.
+MAX_CREDITS = 10**15
+
 # Every submit moves credits: built once (building them cost more than running them).
+_new_balance = api_keys.c.balance + bindparam("amount")
 _MOVE_CREDITS = (
     update(api_keys)
-    .where(api_keys.c.id == bindparam("key_id"), api_keys.c.balance + bindparam("amount") >= 0)
-    .values(balance=api_keys.c.balance + bindparam("amount"))
+    .where(api_keys.c.id == bindparam("key_id"), _new_balance >= 0)
+    .values(balance=_new_balance)
 )
+_GRANT_CREDITS = _MOVE_CREDITS.where(_new_balance <= MAX_CREDITS)
 _INSERT_LEDGER = insert(ledger)
 
 
@@ -112,10 +122,20 @@ def add_credits(
     task_id: str | None = None,
     note: str | None = None,
 ) -> None:
-    """Move credits by `amount` (signed). Raises InsufficientCredits rather than go below zero."""
-    result = conn.execute(_MOVE_CREDITS, {"key_id": key_id, "amount": amount})
+    """Move credits by `amount` (signed). Raises InsufficientCredits rather than go below zero,
+    InvalidRequest rather than go past MAX_CREDITS, NotFound for an unknown key."""
+    if abs(amount) > MAX_CREDITS:
+        raise InvalidRequest(f"amount must be at most {MAX_CREDITS} credits", param="amount")
+    grant = kind == "grant"
+    result = conn.execute(
+        _GRANT_CREDITS if grant else _MOVE_CREDITS, {"key_id": key_id, "amount": amount}
+    )
     if result.rowcount != 1:
         get_key(conn, key_id)  # NotFound for an unknown key
+        if grant:
+            raise InvalidRequest(
+                f"A key holds at most {MAX_CREDITS} credits; this would pass it.", param="amount"
+            )
         raise InsufficientCredits("Insufficient credits for this request.")
     conn.execute(
         _INSERT_LEDGER,
