@@ -92,6 +92,9 @@ class Settings(BaseSettings):
 
     # The queue.
     lease_seconds: float = Field(default=60.0, gt=0.5)
+    # SIGTERM/SIGINT: how long `serve` lets its workers finish the batch in hand before it hands
+    # that batch back to the queue (no attempt counted) and exits.
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0.0)
     max_attempts: int = Field(default=3, ge=1)
     poll_interval: float = Field(default=0.5, gt=0.0)
     max_batch_size: int = Field(default=1, ge=1, le=16)

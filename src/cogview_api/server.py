@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from types import FrameType
 
 import uvicorn
@@ -16,6 +17,7 @@ from cogview_api.api.app import create_app
 from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
+from cogview_api.errors import CogviewError
 from cogview_api.services.backends import Backends
 from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
@@ -79,6 +81,10 @@ def serve(settings: Settings) -> None:
         s3_public_endpoint_url=settings.s3_public_endpoint_url,  # the API presigns for clients
     )
     engines = load_engines(settings, settings.workers)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it
+    # found: this one, so that the workers' shutdown below runs and the exit status is 0 (the
+    # default action would kill the process with the batch in hand still RUNNING).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     signals = TaskSignals()
     workers = [
         Worker(settings=settings, db=db, storage=storage, engine=e, on_settled=signals.notify)
@@ -115,16 +121,54 @@ def serve(settings: Settings) -> None:
             )
             _Server(config, signals).run()
     finally:
+        signal.signal(signal.SIGTERM, _stopping)
         if listener is not None:
             listener.stop()
-        for w in workers:
-            w.shutdown()
-        for t in threads:
-            # A batch in hand finishes or its lease runs out and another worker takes it.
-            t.join(timeout=30)
+        stop_workers(workers, threads, settings.shutdown_grace_seconds)
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def _stopping(signum: int, frame: FrameType | None) -> None:
+    log.info("signal %s: already stopping", signum)
+
+
+# After a hand-back, how long to wait for the worker to notice at its next denoising step.
+HAND_BACK_JOIN_S = 10.0
+
+
+def stop_workers(workers: list[Worker], threads: list[threading.Thread], grace: float) -> None:
+    """Stop claiming; let the batches in hand finish for up to `grace` seconds; hand back those
+    that did not (to the queue, no attempt counted) so another worker, or this one restarted,
+    takes them at once rather than after their lease."""
+    for w in workers:
+        w.shutdown()
+    deadline = time.monotonic() + grace
+    busy = [(w, t) for w, t in zip(workers, threads, strict=True) if t.is_alive()]
+    if busy and grace > 0:
+        log.info("finishing the batch in hand (up to %g s)", grace)
+    for w, t in busy:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            try:
+                released = w.hand_back()
+            except CogviewError as exc:  # the database is gone: the leases will lapse
+                log.warning("worker %s: could not hand its batch back: %s", w.id, exc.message)
+                continue
+            log.warning(
+                "worker %s: its batch did not finish within %g s; %d task(s) back in the queue",
+                w.id,
+                grace,
+                released,
+            )
+            # Its next progress write, fenced on RUNNING and its id, now matches nothing, so it
+            # stops at its next step; an exit while the engine still runs would abort in torch.
+            t.join(timeout=HAND_BACK_JOIN_S)
 
 
 # `serve --http-processes N`: the settings the HTTP processes build their app from.

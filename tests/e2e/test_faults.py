@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -148,3 +150,51 @@ def test_real_model_without_gpu_says_what_to_do(
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "CUDA GPU" in line and "--model tiny" in line
+
+
+def _task_row(workdir: Path, task_id: str) -> tuple[str, int, str | None]:
+    con = sqlite3.connect(workdir / "cogview-data" / "cogview.db")
+    try:
+        row = con.execute(
+            "SELECT state, attempts, worker_id FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
+        assert con.execute("SELECT count(*) FROM workers").fetchone()[0] == 0  # deregistered
+        return row[0], int(row[1]), row[2]
+    finally:
+        con.close()
+
+
+def _sigterm_mid_task(workdir: Path, env: dict[str, str]) -> tuple[ServerProcess, str]:
+    server = ServerProcess(workdir=workdir, env=env).start()
+    key = str(server.make_key(credits=40)["key"])
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        r = client.post("/api/v1/images/generations", json=EXAMPLE_BODY, headers=auth(key))
+        task_id = str(r.json()["data"]["task_id"])
+        wait_for_stage(client, task_id, key, "denoising")
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=90) == 0, server.read_log()
+    return server, task_id
+
+
+def test_sigterm_mid_task_finishes_the_batch_then_exits_0(tmp_path: Path, tiny_cache: Path) -> None:
+    """SIGTERM to `serve` (what docker stop and Kubernetes send): the worker finishes the
+    task in hand within the grace period (30 s by default), deregisters, and the process exits
+    with status 0."""
+    env = server_env(tiny_cache, {**CRASH_ENV, "COGVIEW_LOG_LEVEL": "info"})
+    server, task_id = _sigterm_mid_task(tmp_path, env)
+    assert _task_row(tmp_path, task_id)[:2] == ("completed", 1)
+    assert "finishing the batch in hand" in server.read_log()
+
+
+def test_sigterm_past_the_grace_hands_the_batch_back_uncounted(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """With no grace left, the task in hand goes back to the queue as if never claimed (no
+    attempt counted, no worker), for the next worker to take at once rather than after its
+    lease; the process still exits 0."""
+    no_grace = {"COGVIEW_SHUTDOWN_GRACE_SECONDS": "0", "COGVIEW_LEASE_SECONDS": "600"}
+    env = server_env(tiny_cache, {**CRASH_ENV, **no_grace})
+    server, task_id = _sigterm_mid_task(tmp_path, env)
+    assert _task_row(tmp_path, task_id) == ("queued", 0, None)
+    assert "task(s) back in the queue" in server.read_log()

@@ -176,6 +176,28 @@ def reclaim_expired(conn: Connection, *, now: datetime | None = None) -> tuple[i
     return requeued, failed
 
 
+def release_worker_tasks(conn: Connection, *, worker_id: str) -> int:
+    """Put a stopping worker's running tasks back in the queue as if never claimed (the attempt
+    it made is not counted: the worker did not fail them, it was told to stop). Its completing
+    or progress writes, fenced on RUNNING and its id, then match nothing. Returns how many."""
+    released = conn.execute(
+        update(tasks)
+        .where(tasks.c.state == TaskState.RUNNING, tasks.c.worker_id == worker_id)
+        .values(
+            state=TaskState.QUEUED,
+            stage=Stage.QUEUED,
+            step=0,
+            worker_id=None,
+            lease_expires_at=None,
+            started_at=None,
+            attempts=tasks.c.attempts - 1,
+        )
+    ).rowcount
+    if released:
+        announce(conn)  # another worker takes them at once, on commit (PostgreSQL)
+    return int(released)
+
+
 def register_worker(conn: Connection, *, worker_id: str, model: str, device: str) -> None:
     now = utcnow()
     conn.execute(delete(workers).where(workers.c.id == worker_id))

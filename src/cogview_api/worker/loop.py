@@ -101,8 +101,17 @@ class Worker:
                 pass
 
     def shutdown(self) -> None:
+        """Stop claiming; the batch in hand runs on (see `hand_back`)."""
         self.stop.set()
         self.wake.set()
+
+    def hand_back(self) -> int:
+        """The batch in hand back to the queue, uncounted, and this worker's row gone: for a
+        shutdown whose grace ran out. Returns how many tasks went back."""
+        with self.db.write() as conn:
+            released = queue.release_worker_tasks(conn, worker_id=self.id)
+            queue.unregister_worker(conn, worker_id=self.id)
+        return released
 
     def run_once(self) -> bool:
         """One pass: housekeeping, then at most one batch. True if a batch ran."""
