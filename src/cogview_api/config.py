@@ -23,6 +23,10 @@ def parse_size_list(text: str) -> list[tuple[int, int]]:
     return [(size.width, size.height) for size in sizes]
 
 
+# The hosts answered when neither COGVIEW_PUBLIC_URL nor COGVIEW_TRUSTED_HOSTS is set.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Flags of the CLI override these."""
 
@@ -34,6 +38,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None  # an S3-compatible service (MinIO, ...); unset: AWS
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cogview-api")
     public_url: str | None = None
+    # Without public_url, absolute URLs (image links) are built from the request's Host header,
+    # so only these hosts are answered (comma-separated names, case-insensitive, port ignored;
+    # `*` for any). Empty: localhost, 127.0.0.1, ::1 and COGVIEW_HOST unless that is 0.0.0.0/::.
+    trusted_hosts: str = ""
     admin_token: str | None = None
 
     # The model and how it runs.
@@ -120,6 +128,18 @@ class Settings(BaseSettings):
     webhook_retry_schedule: str = "5,30,120,600,1800,3600,7200"
     webhook_timeout_seconds: float = Field(default=10.0, gt=0.0, le=60.0)
     webhook_poll_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """The Host names a request may carry, or None for any: with public_url set no URL is
+        built from the Host header, and `*` is the operator saying so."""
+        if self.public_url or self.trusted_hosts.strip() == "*":
+            return None
+        names = {h.strip().lower().strip("[]") for h in self.trusted_hosts.split(",") if h.strip()}
+        if not names:
+            names = set(LOCAL_HOSTS)
+            if self.host not in ("0.0.0.0", "::", ""):
+                names.add(self.host.lower().strip("[]"))
+        return frozenset(names)
 
     @field_validator("webhook_allow_hosts")
     @classmethod

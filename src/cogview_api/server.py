@@ -102,6 +102,7 @@ def serve(settings: Settings) -> None:
             log.warning(
                 "no API keys yet: create one with `cogview-api keys create --name me --credits 100`"
             )
+    warn_about_hosts(settings)
     try:
         if settings.http_processes > 1:
             serve_http_processes(settings)  # each HTTP process builds its own app
@@ -128,6 +129,21 @@ def serve(settings: Settings) -> None:
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()
+
+
+def warn_about_hosts(settings: Settings) -> None:
+    """Say at the start which Host headers are answered when the operator named none."""
+    allowed = settings.allowed_hosts()
+    if allowed is None or settings.trusted_hosts.strip():
+        return
+    reachable = settings.host in ("0.0.0.0", "::", "")
+    log.log(
+        logging.WARNING if reachable else logging.INFO,
+        "COGVIEW_PUBLIC_URL is not set: image URLs are built from the request's Host header, so "
+        "only requests for %s are answered (others get 400). Set COGVIEW_PUBLIC_URL=https://... "
+        "(or COGVIEW_TRUSTED_HOSTS) for clients that reach this server by another name.",
+        ", ".join(sorted(allowed)),
+    )
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:

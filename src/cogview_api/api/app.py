@@ -55,5 +55,9 @@ def create_app(
     app.include_router(page.router)
     install_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        allowed_hosts=settings.allowed_hosts(),
+    )
     return app

@@ -173,9 +173,12 @@ class RequestGuard:
     """Pure ASGI middleware: gives each request an id, and refuses bodies over the limit
     with 413 before any route sees them (also for chunked bodies with no Content-Length)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, allowed_hosts: frozenset[str] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -194,6 +197,19 @@ class RequestGuard:
             await send(message)
 
         headers = dict(scope.get("headers") or [])
+        if self.allowed_hosts is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
+            host = _host_name(headers.get(b"host", b""))
+            if host not in self.allowed_hosts:
+                await from_exception(
+                    InvalidRequest(
+                        f"This server does not answer for the host {host!r} (its image URLs "
+                        "would point there); the operator sets COGVIEW_PUBLIC_URL or "
+                        "COGVIEW_TRUSTED_HOSTS.",
+                        param="Host",
+                    ),
+                    scope["path"],
+                )(scope, _no_receive, send_with_id)
+                return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(scope, send_with_id)
@@ -230,6 +246,18 @@ class RequestGuard:
         )
         resp.headers["connection"] = "close"
         await resp(scope, _no_receive, send)
+
+
+# Probes reach a replica by its address (Kubernetes, compose) and their answers hold no URL.
+UNCHECKED_HOST_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _host_name(raw: bytes) -> str:
+    """The name in a Host header, lower-case, without its port: `[::1]:8000` -> `::1`."""
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 async def _no_receive() -> Message:
