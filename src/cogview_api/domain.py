@@ -319,3 +319,9 @@ def _as_members(obj: object, **fields: type[StrEnum]) -> None:
     ValueError for a string that is no member."""
     for name, enum in fields.items():
         object.__setattr__(obj, name, enum(getattr(obj, name)))
+
+
+# The `error` of a cancelled task. 499 is what Google's APIs map their CANCELLED code to
+# ("client closed request"); it is never an HTTP status of a response here.
+CANCELLED_CODE = 499
+CANCELLED_TYPE = "cancelled"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from cogview_api import domain
 from cogview_api.addresses import UnsafeTarget, check_url, parse_allow_list
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
@@ -245,10 +246,8 @@ def get_task_for(db: Database, *, secret: str | None, task_id: str) -> Task:
         return task
 
 
-# The `error` of a cancelled task. 499 is what Google's APIs map their CANCELLED code to
-# ("client closed request"); it is never an HTTP status of a response here.
-CANCELLED_CODE = 499
-CANCELLED_TYPE = "cancelled"
+# The `error` of a cancelled task (domain.py).
+CANCELLED_CODE, CANCELLED_TYPE = domain.CANCELLED_CODE, domain.CANCELLED_TYPE
 CANCELLED_MESSAGE = "Cancelled by the client."
 
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from cogview_api.domain import ApiKey
+from cogview_api.domain import CANCELLED_CODE, CANCELLED_TYPE, ApiKey, TaskState
 from cogview_api.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import keys as key_store
+from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 
 # The widths of `api_keys.name` and `ledger.note`: PostgreSQL refuses longer text.
@@ -66,9 +67,26 @@ def list_keys(db: Database) -> list[ApiKey]:
         return key_store.list_keys(conn)
 
 
+REVOKED_MESSAGE = "Cancelled: its API key was revoked; credits refunded."
+
+
 def revoke_key(db: Database, key_id: str) -> ApiKey:
+    """Revoke the key and, in the same transaction, cancel its waiting and running tasks with a
+    refund: nothing more runs or is charged for a key that may no longer be used (a running
+    task's worker stops at its next step). Its open streams and waits end at their next read,
+    which checks the key. Returns the key, revoked."""
     with db.write() as conn:
-        return key_store.revoke_key(conn, key_id)
+        key = key_store.revoke_key(conn, key_id)
+        for task_id in task_store.live_task_ids(conn, key_id=key.id):
+            task_store.fail_task(
+                conn,
+                task_id=task_id,
+                error_code=CANCELLED_CODE,
+                error_type=CANCELLED_TYPE,
+                message=REVOKED_MESSAGE,
+                state=TaskState.CANCELLED,
+            )
+        return key
 
 
 def grant_credits(db: Database, *, key_id: str, amount: int, note: str | None = None) -> ApiKey:

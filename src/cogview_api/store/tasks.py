@@ -240,6 +240,20 @@ def complete_task(
     return True
 
 
+def live_task_ids(conn: Connection, *, key_id: str) -> list[str]:
+    """The key's tasks that are waiting or running, oldest first."""
+    return list(
+        conn.execute(
+            select(tasks.c.id)
+            .where(
+                tasks.c.key_id == key_id,
+                tasks.c.state.in_([TaskState.QUEUED, TaskState.RUNNING]),
+            )
+            .order_by(tasks.c.seq)
+        ).scalars()
+    )
+
+
 def fail_task(
     conn: Connection,
     *,
