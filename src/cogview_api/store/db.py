@@ -164,16 +164,39 @@ def _translated() -> Iterator[None]:
     except OperationalError as exc:
         if "locked" in str(exc.orig).lower() or _is_disconnect(exc) or _is_transient(exc):
             raise ServiceUnavailable("The database is unavailable; try again shortly.") from exc
+        if _is_unwritable(exc):
+            raise ServiceUnavailable(
+                "The database cannot take writes right now; try again shortly."
+            ) from exc
         raise
     except PoolTimeout as exc:
         raise ServiceUnavailable("The database is busy; try again shortly.") from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise ServiceUnavailable("The database is unavailable; try again shortly.") from exc
+        if _is_unwritable(exc):  # PostgreSQL's read-only transaction is an InternalError
+            raise ServiceUnavailable(
+                "The database cannot take writes right now; try again shortly."
+            ) from exc
         if isinstance(exc, DataError) and "NUL (0x00)" in str(exc.orig):
             # PostgreSQL cannot hold NUL in text; such an id or name cannot exist anyway.
             raise InvalidRequest("Text must not contain NUL (0x00) characters.") from exc
         raise
+
+
+# A database that cannot be written (a full disk, a read-only file system, file or server):
+# SQLite's messages; PostgreSQL's insufficient resources (53: disk full, out of memory, too many
+# connections) and read-only transaction (25006: a standby, default_transaction_read_only).
+_UNWRITABLE_SQLITE = ("disk is full", "readonly database", "disk i/o error")
+_UNWRITABLE_SQLSTATES = ("53", "25006")
+
+
+def _is_unwritable(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    if sqlstate:
+        return sqlstate.startswith(_UNWRITABLE_SQLSTATES)
+    message = str(exc.orig).lower()
+    return any(m in message for m in _UNWRITABLE_SQLITE)
 
 
 def _is_disconnect(exc: OperationalError) -> bool:
