@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image
+from sqlalchemy import event
 
 from cogview_api.api.app import create_app
 from cogview_api.config import Settings
@@ -286,3 +288,44 @@ def background_worker(api: InProcessApi, engine: Any = None) -> Iterator[Worker]
     finally:
         worker.shutdown()
         thread.join(timeout=30)
+
+
+@contextmanager
+def unwritable(db: Database, *, sqlite_fault: str = "full") -> Iterator[None]:
+    """`db` refusing writes while inside, by a fault of the database's own: on SQLite "full"
+    (max_page_count at its size: a write that needs a new page fails) or "read-only"
+    (query_only: every write fails); on PostgreSQL default_transaction_read_only."""
+    engine = db.engine
+    if engine.dialect.name == "sqlite":
+
+        def full(dbapi_conn: Any, record: Any) -> None:
+            if sqlite_fault == "read-only":
+                dbapi_conn.execute("PRAGMA query_only = 1")
+                return
+            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        event.listen(engine, "connect", full)
+        engine.dispose()  # every connection from now on is a new one, full
+        try:
+            yield
+        finally:
+            event.remove(engine, "connect", full)
+            engine.dispose()
+        return
+    url = engine.url
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                f'ALTER DATABASE "{url.database}" SET default_transaction_read_only = '
+                + ("on" if on else "off")
+            )
+        engine.dispose()
+
+    read_only(True)
+    try:
+        yield
+    finally:
+        read_only(False)

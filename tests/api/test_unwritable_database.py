@@ -5,51 +5,8 @@ disk) and PostgreSQL's default_transaction_read_only (as on a standby or a read-
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
-import psycopg
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
-
 from tests.api.test_bad_input import assert_error
-from tests.support import EXAMPLE_BODY, InProcessApi, auth
-
-
-@contextmanager
-def unwritable(api: InProcessApi) -> Iterator[None]:
-    engine = api.db.engine
-    if engine.dialect.name == "sqlite":
-
-        def full(dbapi_conn: Any, record: Any) -> None:
-            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
-            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
-
-        event.listen(engine, "connect", full)
-        engine.dispose()  # every connection from now on is a new one, full
-        try:
-            yield
-        finally:
-            event.remove(engine, "connect", full)
-            engine.dispose()
-        return
-    url = make_url(api.settings.database_url)
-    admin = url.set(drivername="postgresql", database="postgres").render_as_string(False)
-
-    def read_only(on: bool) -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(
-                f'ALTER DATABASE "{url.database}" SET default_transaction_read_only = '
-                + ("on" if on else "off")
-            )
-        engine.dispose()
-
-    read_only(True)
-    try:
-        yield
-    finally:
-        read_only(False)
+from tests.support import EXAMPLE_BODY, InProcessApi, auth, unwritable
 
 
 def test_an_unwritable_database_is_503_charges_nothing_and_recovers(api: InProcessApi) -> None:
@@ -58,7 +15,7 @@ def test_an_unwritable_database_is_503_charges_nothing_and_recovers(api: InProce
     for _ in range(3):
         r = api.client.post("/api/v1/images/generations", json=EXAMPLE_BODY, headers=auth(key))
         assert r.status_code == 200, r.text
-    with unwritable(api):
+    with unwritable(api.db):
         for _ in range(20):
             big = {**EXAMPLE_BODY, "prompt": "a lighthouse " * 70}
             r = api.client.post("/api/v1/images/generations", json=big, headers=auth(key))

@@ -41,6 +41,10 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
 
 
+# The longest wait between two tries to register at the start (doubling from poll_interval).
+REGISTER_BACKOFF_MAX_S = 30.0
+
+
 class Worker:
     def __init__(
         self,
@@ -72,12 +76,10 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Claim and run batches until `stop` is set. Never raises for one bad task."""
-        with self.db.write() as conn:
-            queue.register_worker(
-                conn, worker_id=self.id, model=self.engine.name, device=self.engine.device
-            )
-        log.info("worker %s ready on %s", self.id, self.engine.device)
+        """Claim and run batches until `stop` is set. Never raises for one bad task, nor for a
+        database that cannot be written at the start (it tries again, backing off)."""
+        if not self._register():
+            return
         try:
             while not self.stop.is_set():
                 # Cleared before the claim looks at the queue, so a wake-up that arrives while
@@ -99,6 +101,28 @@ class Worker:
                     queue.unregister_worker(conn, worker_id=self.id)
             except CogviewError:
                 pass
+
+    def _register(self) -> bool:
+        """Announce this worker (for /readyz), retrying while the database refuses: a thread
+        that died here would leave the process serving with no worker. False if stopped first."""
+        delay = self.settings.poll_interval
+        while not self.stop.is_set():
+            try:
+                with self.db.write() as conn:
+                    queue.register_worker(
+                        conn, worker_id=self.id, model=self.engine.name, device=self.engine.device
+                    )
+            except CogviewError as exc:
+                log.warning("worker %s: cannot start yet: %s", self.id, exc.message)
+            except Exception:  # a bug; keep trying rather than die unseen
+                log.exception("worker %s: unexpected error at its start", self.id)
+            else:
+                log.info("worker %s ready on %s", self.id, self.engine.device)
+                return True
+            log.info("worker %s: trying again in %g s", self.id, delay)
+            self.stop.wait(delay)
+            delay = min(delay * 2, REGISTER_BACKOFF_MAX_S)
+        return False
 
     def shutdown(self) -> None:
         """Stop claiming; the batch in hand runs on (see `hand_back`)."""
