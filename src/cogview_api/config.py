@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     http_processes: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_queue: int = Field(default=1000, ge=1)
+    # Waiting tasks one key may have; over it a submit gets 429. While the whole queue is full
+    # (max_queue), a key with fewer than its equal share of it is still admitted.
+    max_waiting_per_key: int = Field(default=100, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # A comment line on an idle event stream this often, so proxies keep the connection open.
     sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)

@@ -27,6 +27,7 @@ from cogview_api.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     RequestTooLarge,
     ServiceUnavailable,
     TaskFailed,
@@ -114,7 +115,7 @@ def error_response(
 
 def from_exception(exc: CogviewError, path: str) -> JSONResponse:
     headers = None
-    if isinstance(exc, ServiceUnavailable):
+    if isinstance(exc, ServiceUnavailable | RateLimited):
         headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, TaskFailed | WaitTimedOut):
         # The OpenAI and Zhipu SDKs retry 5xx answers unless told not to; a retry would start

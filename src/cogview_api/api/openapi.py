@@ -78,6 +78,15 @@ ERROR_DOCS: dict[int, tuple[str, tuple[str, str, str | None]]] = {
         "The body is over 64 KiB.",
         ("request_too_large", "Request body is larger than 65536 bytes.", None),
     ),
+    429: (
+        "This key already has its most tasks waiting (COGVIEW_MAX_WAITING_PER_KEY); see "
+        "`Retry-After`.",
+        (
+            "rate_limit_exceeded",
+            "This key has 100 tasks waiting, its most; submit again once one has started.",
+            None,
+        ),
+    ),
     500: (
         "A bug, or (synchronous routes) the task failed; its credits were refunded.",
         ("server_error", "Internal server error (request id 5f0c2a9e1b7d4c3a).", None),
@@ -140,7 +149,7 @@ def sync_generation_docs(
         200: {**json_200(answer_example), "headers": OPENAPI_ANSWER_HEADER},
         **error_responses(
             surface,
-            *(400, 401, 402, 403, 409, 413, 500, 503, 504),
+            *(400, 401, 402, 403, 409, 413, 429, 500, 503, 504),
             messages={409: f"Task {examples.TASK_ID} was cancelled: Cancelled by the client."},
         ),
     }

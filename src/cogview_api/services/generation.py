@@ -204,6 +204,7 @@ def _insert(
         price=settings.price_for(request.quality) * request.n,
         max_attempts=settings.max_attempts,
         max_queue=settings.max_queue,
+        max_waiting_per_key=settings.max_waiting_per_key,
         base_url=base_url,
     )
 

@@ -20,7 +20,7 @@ from cogview_api.domain import (
     image_seeds,
     new_task_id,
 )
-from cogview_api.errors import NotFound, ServiceUnavailable
+from cogview_api.errors import NotFound, RateLimited, ServiceUnavailable
 from cogview_api.store.keys import add_credits, hash_key, key_from
 from cogview_api.store.notify import announce
 from cogview_api.store.tables import api_keys, images, queue_depth, tasks
@@ -49,8 +49,21 @@ _QUEUED_BOUNDS = select(
     select(func.min(tasks.c.seq)).where(_queued).scalar_subquery(),
     select(func.max(tasks.c.seq)).where(_queued).scalar_subquery(),
 )
+# A key's waiting tasks (index ix_tasks_key_state: as many rows as it has waiting), and how
+# many keys have any.
+_KEY_WAITING = (
+    select(func.count()).select_from(tasks).where(tasks.c.key_id == bindparam("key_id"), _queued)
+)
+_KEYS_WAITING = select(func.count(func.distinct(tasks.c.key_id))).where(_queued)
 _AHEAD = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq < bindparam("seq"))
 _BEHIND = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq > bindparam("seq"))
+
+
+def _share(conn: Connection, max_queue: int, own: int) -> int:
+    """An equal share of the queue among the keys with tasks waiting, this one included. Counted
+    only when the queue is full (it reads every waiting task's key)."""
+    keys = int(conn.execute(_KEYS_WAITING).scalar_one()) + (0 if own else 1)
+    return max(1, max_queue // max(1, keys))
 
 
 def waiting_tasks(conn: Connection) -> int:
@@ -68,16 +81,28 @@ def insert_task(
     price: int,
     max_attempts: int,
     max_queue: int,
+    max_waiting_per_key: int | None = None,
     base_url: str | None = None,
 ) -> Task:
     """Reserve `price` credits and enqueue the task, in the caller's one transaction. Returns
     the task as written (not read back), with its queue position.
 
-    Raises InsufficientCredits or ServiceUnavailable (queue full); either way the caller's
+    Raises InsufficientCredits, RateLimited (the key has `max_waiting_per_key` waiting) or
+    ServiceUnavailable (the queue holds `max_queue` and this key has its equal share of it, so
+    one key's flood never shuts out a key with little waiting); either way the caller's
     transaction rolls back and nothing is written.
     """
+    own = 0
+    if max_waiting_per_key is not None:
+        own = int(conn.execute(_KEY_WAITING, {"key_id": key_id}).scalar_one())
+        if own >= max_waiting_per_key:
+            raise RateLimited(
+                f"This key has {own} tasks waiting, its most; submit again once one has started.",
+                retry_after=5,
+            )
     waiting = waiting_tasks(conn)
-    if waiting >= max_queue:
+    full = waiting >= max_queue
+    if full and (max_waiting_per_key is None or own >= _share(conn, max_queue, own)):
         raise ServiceUnavailable("The queue is full; try again shortly.", retry_after=10)
     task_id = new_task_id()
     add_credits(conn, key_id=key_id, amount=-price, kind="reserve", task_id=task_id)

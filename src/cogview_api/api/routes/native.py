@@ -66,6 +66,7 @@ SUBMIT_ANSWER_HEADERS = {
             403,
             409,
             413,
+            429,
             500,
             503,
             messages={409: "This Idempotency-Key was already used with a different request."},
