@@ -185,7 +185,10 @@ def measure(
 
 def main() -> int:
     args = parse_args()
-    env = server_env(args.cache_dir, {"COGVIEW_MAX_QUEUE": str(MAX_QUEUE)})
+    env = server_env(
+        args.cache_dir,
+        {"COGVIEW_MAX_QUEUE": str(MAX_QUEUE), "COGVIEW_MAX_WAITING_PER_KEY": str(MAX_QUEUE)},
+    )
     credits = 4 * MAX_QUEUE
     print(f"api_throughput: {args.clients} clients, {args.duration}s per phase", file=sys.stderr)
     with (

@@ -346,7 +346,12 @@ def run_config(
     """P API processes on a fresh database: a submit phase, then a poll phase."""
     url = cluster.create_database()
     env = server_env(
-        args.cache_dir, {"COGVIEW_DATABASE_URL": url, "COGVIEW_MAX_QUEUE": str(MAX_QUEUE)}
+        args.cache_dir,
+        {
+            "COGVIEW_DATABASE_URL": url,
+            "COGVIEW_MAX_QUEUE": str(MAX_QUEUE),
+            "COGVIEW_MAX_WAITING_PER_KEY": str(MAX_QUEUE),  # one key makes every submit
+        },
     )
     if args.src is not None:
         env["PYTHONPATH"] = str(args.src.resolve())

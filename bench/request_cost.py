@@ -84,6 +84,9 @@ class Server:
             "COGVIEW_STORAGE_URL": f"file://{workdir / 'images'}",
             "COGVIEW_MODEL": "test-echo",
             "COGVIEW_MAX_QUEUE": "10000000",
+            # One key makes every submit here: no per-key limit (each submit then counts up
+            # to all of that key's waiting tasks, the worst case of the limit's check).
+            "COGVIEW_MAX_WAITING_PER_KEY": "10000000",
             "COGVIEW_LOG_LEVEL": "warning",
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -49,10 +49,13 @@ _QUEUED_BOUNDS = select(
     select(func.min(tasks.c.seq)).where(_queued).scalar_subquery(),
     select(func.max(tasks.c.seq)).where(_queued).scalar_subquery(),
 )
-# A key's waiting tasks (index ix_tasks_key_state: as many rows as it has waiting), and how
-# many keys have any.
-_KEY_WAITING = (
-    select(func.count()).select_from(tasks).where(tasks.c.key_id == bindparam("key_id"), _queued)
+# A key's waiting tasks, counted up to the limit (index ix_tasks_key_state: at most that many
+# rows, however many the key has), and how many keys have any.
+_KEY_WAITING = select(func.count()).select_from(
+    select(tasks.c.id)
+    .where(tasks.c.key_id == bindparam("key_id"), _queued)
+    .limit(bindparam("limit"))
+    .subquery()
 )
 _KEYS_WAITING = select(func.count(func.distinct(tasks.c.key_id))).where(_queued)
 _AHEAD = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq < bindparam("seq"))
@@ -94,7 +97,11 @@ def insert_task(
     """
     own = 0
     if max_waiting_per_key is not None:
-        own = int(conn.execute(_KEY_WAITING, {"key_id": key_id}).scalar_one())
+        own = int(
+            conn.execute(
+                _KEY_WAITING, {"key_id": key_id, "limit": max_waiting_per_key}
+            ).scalar_one()
+        )
         if own >= max_waiting_per_key:
             raise RateLimited(
                 f"This key has {own} tasks waiting, its most; submit again once one has started.",
