@@ -210,6 +210,10 @@ class ImageRecord:
     seed: int
     format: OutputFormat
     storage_key: str
+    # The stored file's length and SHA-256 (hex), recorded when it was written; None for images
+    # stored before they were (migration 0007).
+    size_bytes: int | None = None
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         _as_members(self, format=OutputFormat)

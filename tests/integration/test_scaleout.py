@@ -154,6 +154,8 @@ def fleet(tmp_path: Path, pg_cluster: pg.PgCluster) -> Iterator[Fleet]:
             "COGVIEW_LEASE_SECONDS": "20",
             "COGVIEW_POLL_INTERVAL": "0.5",  # the fallback; NOTIFY wakes the workers
             "COGVIEW_MAX_QUEUE": "10000",
+            # One key's steady load is what these test, not its flood: no per-key limit.
+            "COGVIEW_MAX_WAITING_PER_KEY": "10000",
         },
     )
     running = Fleet(workdir=tmp_path, url=url, db=db, env=env)

@@ -5,6 +5,8 @@ base64 (OpenAI's `b64_json`), and the signer of presigned image URLs
 from __future__ import annotations
 
 import base64
+import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +19,9 @@ from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 
 GONE = "No such image (it may have expired)."
+DAMAGED = "This image's stored file is damaged; it is not served."
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class ImageBytes:
     data: bytes
     content_type: str
     max_age: int  # seconds left of its retention
+    etag: str | None  # the file's SHA-256, when recorded
 
 
 def image_bytes(db: Database, storage: ImageStorage, name: str) -> ImageBytes:
@@ -32,14 +38,24 @@ def image_bytes(db: Database, storage: ImageStorage, name: str) -> ImageBytes:
     token, _, ext = name.rpartition(".")
     with db.read() as conn:
         found = task_store.find_image(conn, token)
-    if found is None or found[1] != ext or found[2] <= utcnow():
+    if found is None or found.format != ext or found.expires_at <= utcnow():
         raise NotFound(GONE)
-    key, fmt, expires = found
-    data = storage.get(key)
+    data = storage.get(found.storage_key)
     if data is None:
         raise NotFound(GONE)
-    max_age = max(0, int((expires - utcnow()).total_seconds()))
-    return ImageBytes(data=data, content_type=CONTENT_TYPES[OutputFormat(fmt)], max_age=max_age)
+    damaged = (found.size_bytes is not None and len(data) != found.size_bytes) or (
+        found.sha256 is not None and hashlib.sha256(data).hexdigest() != found.sha256
+    )
+    if damaged:
+        log.error("image %s: its stored file does not match its size and SHA-256", name)
+        raise NotFound(DAMAGED)
+    max_age = max(0, int((found.expires_at - utcnow()).total_seconds()))
+    return ImageBytes(
+        data=data,
+        content_type=CONTENT_TYPES[OutputFormat(found.format)],
+        max_age=max_age,
+        etag=found.sha256,
+    )
 
 
 def images_base64(storage: ImageStorage, task: Task) -> list[str]:

@@ -147,6 +147,9 @@ images = Table(
     Column("storage_key", Text, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Column("deleted_at", UTCDateTime, nullable=True),
+    # The stored file's length and SHA-256 (migration 0007; NULL for images stored before).
+    Column("size_bytes", BigInteger, nullable=True),
+    Column("sha256", String(64), nullable=True),
     Index("ix_images_task_id", "task_id"),
     Index("ix_images_expires_at", "expires_at"),
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -264,6 +264,8 @@ def complete_task(
                 "format": r.format,
                 "storage_key": r.storage_key,
                 "expires_at": expires,
+                "size_bytes": r.size_bytes,
+                "sha256": r.sha256,
             }
             for r in records
         ],
@@ -356,14 +358,27 @@ def mark_images_deleted(conn: Connection, tokens: Sequence[str]) -> None:
         conn.execute(update(images).where(images.c.token.in_(tokens)).values(deleted_at=utcnow()))
 
 
-def find_image(conn: Connection, token: str) -> tuple[str, str, datetime] | None:
-    """(storage key, format, expiry) of a live image, or None."""
+@dataclass(frozen=True)
+class StoredImage:
+    storage_key: str
+    format: str
+    expires_at: datetime
+    size_bytes: int | None
+    sha256: str | None
+
+
+def find_image(conn: Connection, token: str) -> StoredImage | None:
+    """Where a live image is stored and what its file must be, or None."""
     row = conn.execute(
-        select(images.c.storage_key, images.c.format, images.c.expires_at).where(
-            images.c.token == token, images.c.deleted_at.is_(None)
-        )
+        select(
+            images.c.storage_key,
+            images.c.format,
+            images.c.expires_at,
+            images.c.size_bytes,
+            images.c.sha256,
+        ).where(images.c.token == token, images.c.deleted_at.is_(None))
     ).first()
-    return None if row is None else (row.storage_key, row.format, row.expires_at)
+    return None if row is None else StoredImage(**row._mapping)
 
 
 def _owned(task_id: str, worker_id: str | None) -> Any:

@@ -7,6 +7,7 @@ database, so any number of workers and API processes can share one queue.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import socket
@@ -266,6 +267,8 @@ class Worker:
                         seed=seed,
                         format=task.output_format,
                         storage_key=key,
+                        size_bytes=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(),
                     )
                 )
             with self.db.write() as conn:

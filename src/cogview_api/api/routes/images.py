@@ -30,8 +30,7 @@ router = APIRouter(tags=["images"])
 )
 def get_image(name: str, backends: BackendsDep) -> Response:
     image = image_service.image_bytes(backends.db, backends.storage, name)
-    return Response(
-        image.data,
-        media_type=image.content_type,
-        headers={"Cache-Control": f"private, max-age={image.max_age}, immutable"},
-    )
+    headers = {"Cache-Control": f"private, max-age={image.max_age}, immutable"}
+    if image.etag is not None:
+        headers["ETag"] = f'"{image.etag}"'
+    return Response(image.data, media_type=image.content_type, headers=headers)
