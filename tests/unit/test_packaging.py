@@ -102,7 +102,8 @@ def test_the_api_and_the_echo_engine_never_import_torch(tmp_path: Path) -> None:
         from cogview_api.services.backends import Backends
         from cogview_api.store.db import Database
 
-        settings = Settings(model="test-echo", workers=0)
+        # TestClient's requests say Host: testserver.
+        settings = Settings(model="test-echo", workers=0, trusted_hosts="testserver")
         db = Database(settings.database_url)
         db.migrate()
         app = create_app(settings, backends=Backends.open(settings, db=db))
