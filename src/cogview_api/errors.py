@@ -77,24 +77,24 @@ class RequestTooLarge(CogviewError):
     type = "request_too_large"
 
 
-class RateLimited(CogviewError):
-    """This key is over one of its limits; `retry_after` says when to try again."""
+class RetryLater(CogviewError):
+    """Refused for now: the answer carries `Retry-After: retry_after` (seconds)."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(RetryLater):
+    """This key is over one of its limits."""
 
     status = 429
     type = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class ServiceUnavailable(CogviewError):
+class ServiceUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
-
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class StorageError(ServiceUnavailable):

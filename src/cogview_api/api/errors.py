@@ -27,9 +27,8 @@ from cogview_api.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
-    RateLimited,
     RequestTooLarge,
-    ServiceUnavailable,
+    RetryLater,
     TaskFailed,
     WaitTimedOut,
 )
@@ -115,7 +114,7 @@ def error_response(
 
 def from_exception(exc: CogviewError, path: str) -> JSONResponse:
     headers = None
-    if isinstance(exc, ServiceUnavailable | RateLimited):
+    if isinstance(exc, RetryLater):
         headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, TaskFailed | WaitTimedOut):
         # The OpenAI and Zhipu SDKs retry 5xx answers unless told not to; a retry would start

@@ -38,7 +38,3 @@ class Backends:
                 s3_public_endpoint_url=settings.s3_public_endpoint_url,
             ),
         )
-
-    def ping(self) -> bool:
-        """Whether the database answers."""
-        return self.db.ping()

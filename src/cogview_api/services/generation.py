@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from cogview_api import domain
 from cogview_api.addresses import UnsafeTarget, check_url, parse_allow_list
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
@@ -247,8 +246,6 @@ def get_task_for(db: Database, *, secret: str | None, task_id: str) -> Task:
         return task
 
 
-# The `error` of a cancelled task (domain.py).
-CANCELLED_CODE, CANCELLED_TYPE = domain.CANCELLED_CODE, domain.CANCELLED_TYPE
 CANCELLED_MESSAGE = "Cancelled by the client."
 
 
@@ -272,13 +269,8 @@ def cancel_for(db: Database, *, secret: str | None, task_id: str) -> Task:
 
 def _cancel(conn: Connection, *, key: ApiKey, task_id: str) -> Task:
     task = task_store.get_task(conn, task_id, key_id=key.id)
-    if not task.state.terminal and task_store.fail_task(
-        conn,
-        task_id=task_id,
-        error_code=CANCELLED_CODE,
-        error_type=CANCELLED_TYPE,
-        message=CANCELLED_MESSAGE,
-        state=TaskState.CANCELLED,
+    if not task.state.terminal and task_store.cancel_task(
+        conn, task_id=task_id, message=CANCELLED_MESSAGE
     ):
         return task_store.get_task(conn, task_id)
     # Terminal when read, or settled by its worker since (PostgreSQL reads committed rows).

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
-from cogview_api.domain import CANCELLED_CODE, CANCELLED_TYPE, ApiKey, TaskState
+from cogview_api.domain import ApiKey
 from cogview_api.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import keys as key_store
@@ -78,14 +78,7 @@ def revoke_key(db: Database, key_id: str) -> ApiKey:
     with db.write() as conn:
         key = key_store.revoke_key(conn, key_id)
         for task_id in task_store.live_task_ids(conn, key_id=key.id):
-            task_store.fail_task(
-                conn,
-                task_id=task_id,
-                error_code=CANCELLED_CODE,
-                error_type=CANCELLED_TYPE,
-                message=REVOKED_MESSAGE,
-                state=TaskState.CANCELLED,
-            )
+            task_store.cancel_task(conn, task_id=task_id, message=REVOKED_MESSAGE)
         return key
 
 

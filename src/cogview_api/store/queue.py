@@ -133,6 +133,16 @@ def renew_leases(
     return set(conn.execute(held).scalars())
 
 
+# A running task put back in the queue: by the lease reclaim, or handed back by its worker.
+_BACK_IN_QUEUE: dict[str, Any] = {
+    "state": TaskState.QUEUED,
+    "stage": Stage.QUEUED,
+    "step": 0,
+    "worker_id": None,
+    "lease_expires_at": None,
+}
+
+
 def reclaim_expired(conn: Connection, *, now: datetime | None = None) -> tuple[int, int]:
     """Put tasks with a lapsed lease back in the queue, or fail them after max_attempts.
 
@@ -162,13 +172,7 @@ def reclaim_expired(conn: Connection, *, now: datetime | None = None) -> tuple[i
             conn.execute(
                 update(tasks)
                 .where(tasks.c.id == row.id, tasks.c.state == TaskState.RUNNING)
-                .values(
-                    state=TaskState.QUEUED,
-                    stage=Stage.QUEUED,
-                    step=0,
-                    worker_id=None,
-                    lease_expires_at=None,
-                )
+                .values(**_BACK_IN_QUEUE)
             )
             requeued += 1
     if requeued:
@@ -183,15 +187,7 @@ def release_worker_tasks(conn: Connection, *, worker_id: str) -> int:
     released = conn.execute(
         update(tasks)
         .where(tasks.c.state == TaskState.RUNNING, tasks.c.worker_id == worker_id)
-        .values(
-            state=TaskState.QUEUED,
-            stage=Stage.QUEUED,
-            step=0,
-            worker_id=None,
-            lease_expires_at=None,
-            started_at=None,
-            attempts=tasks.c.attempts - 1,
-        )
+        .values(**_BACK_IN_QUEUE, started_at=None, attempts=tasks.c.attempts - 1)
     ).rowcount
     if released:
         announce(conn)  # another worker takes them at once, on commit (PostgreSQL)

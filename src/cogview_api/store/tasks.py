@@ -11,6 +11,8 @@ from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import (
+    CANCELLED_CODE,
+    CANCELLED_TYPE,
     ApiKey,
     GenerationRequest,
     ImageRecord,
@@ -330,6 +332,18 @@ def fail_task(
         )
     enqueue_delivery(conn, task_id=task_id)
     return True
+
+
+def cancel_task(conn: Connection, *, task_id: str, message: str) -> bool:
+    """Move a live task to CANCELLED with a refund (fail_task); False if it was not live."""
+    return fail_task(
+        conn,
+        task_id=task_id,
+        error_code=CANCELLED_CODE,
+        error_type=CANCELLED_TYPE,
+        message=message,
+        state=TaskState.CANCELLED,
+    )
 
 
 def set_progress(

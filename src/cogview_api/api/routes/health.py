@@ -37,7 +37,7 @@ def healthz() -> dict[str, Any]:
     summary="Database reachable and a worker has the model loaded",
 )
 def readyz(backends: BackendsDep, settings: SettingsDep) -> Any:
-    if not backends.ping():
+    if not backends.db.ping():
         return error_response(
             503, "service_unavailable", "The database is unreachable.", headers={"Retry-After": "5"}
         )
