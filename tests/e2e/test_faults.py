@@ -37,14 +37,20 @@ def wait_for_stage(client: httpx.Client, task_id: str, key: str, stage: str) -> 
     raise TimeoutError(f"task never reached {stage}")
 
 
-def crash_mid_task(workdir: Path, env: dict[str, str]) -> tuple[ServerProcess, str, str]:
-    """Start a server, submit the example, SIGKILL the server while it denoises."""
-    first = ServerProcess(workdir=workdir, env=env).start()
-    key = str(first.make_key(credits=40)["key"])
-    with httpx.Client(base_url=first.base_url, timeout=30) as client:
+def start_mid_task(workdir: Path, env: dict[str, str]) -> tuple[ServerProcess, str, str]:
+    """Start a server and submit the example; returns once it denoises: (server, key, task)."""
+    server = ServerProcess(workdir=workdir, env=env).start()
+    key = str(server.make_key(credits=40)["key"])
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
         r = client.post("/api/v1/images/generations", json=EXAMPLE_BODY, headers=auth(key))
         task_id = str(r.json()["data"]["task_id"])
         wait_for_stage(client, task_id, key, "denoising")
+    return server, key, task_id
+
+
+def crash_mid_task(workdir: Path, env: dict[str, str]) -> tuple[ServerProcess, str, str]:
+    """Start a server, submit the example, SIGKILL the server while it denoises."""
+    first, key, task_id = start_mid_task(workdir, env)
     first.kill()
     return first, key, task_id
 
@@ -165,12 +171,7 @@ def _task_row(workdir: Path, task_id: str) -> tuple[str, int, str | None]:
 
 
 def _sigterm_mid_task(workdir: Path, env: dict[str, str]) -> tuple[ServerProcess, str]:
-    server = ServerProcess(workdir=workdir, env=env).start()
-    key = str(server.make_key(credits=40)["key"])
-    with httpx.Client(base_url=server.base_url, timeout=30) as client:
-        r = client.post("/api/v1/images/generations", json=EXAMPLE_BODY, headers=auth(key))
-        task_id = str(r.json()["data"]["task_id"])
-        wait_for_stage(client, task_id, key, "denoising")
+    server, _, task_id = start_mid_task(workdir, env)
     assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=90) == 0, server.read_log()
