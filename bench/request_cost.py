@@ -22,6 +22,7 @@ Needs wrk (Debian: `apt-get install wrk`) and taskset (util-linux).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -55,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--backlog-small", type=int, default=100)
     p.add_argument("--backlog-large", type=int, default=100_000)
+    p.add_argument(
+        "--submit-keys", type=int, default=400, help="keys the submits rotate over (one a request)"
+    )
     p.add_argument("--out", type=Path)
     return p.parse_args()
 
@@ -84,9 +88,8 @@ class Server:
             "COGVIEW_STORAGE_URL": f"file://{workdir / 'images'}",
             "COGVIEW_MODEL": "test-echo",
             "COGVIEW_MAX_QUEUE": "10000000",
-            # One key makes every submit here: no per-key limit (each submit then counts up
-            # to all of that key's waiting tasks, the worst case of the limit's check).
-            "COGVIEW_MAX_WAITING_PER_KEY": "10000000",
+            # The per-key limits keep their defaults: submits rotate over `--submit-keys` keys,
+            # as many tenants would send them, and the backlog belongs to another key.
             "COGVIEW_LOG_LEVEL": "warning",
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -187,6 +190,37 @@ def seed(server: Server) -> dict[str, str]:
     return {"secret": secret, "done": done["task_id"]}
 
 
+def clone_keys(db_path: Path, secret: str, n: int) -> list[str]:
+    """`n` more funded keys, copied in SQL from the key of `secret`; returns their secrets.
+
+    The first one holds the backlog (grow_backlog); submits rotate over the others.
+    """
+    con = sqlite3.connect(db_path)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(api_keys)")]
+    src = hashlib.sha256(secret.encode()).hexdigest()
+    fresh = {"id": "?", "key_hash": "?", "name": "?"}
+    secrets_ = [f"sk-bench-{i:06d}-{os.urandom(8).hex()}" for i in range(n)]
+    con.execute("BEGIN")
+    con.executemany(
+        f"INSERT INTO api_keys ({', '.join(cols)}) "
+        f"SELECT {', '.join(fresh.get(c, c) for c in cols)} FROM api_keys WHERE key_hash = ?",
+        [
+            tuple(
+                {"id": f"key_bench{i:06d}", "key_hash": hashlib.sha256(k.encode()).hexdigest()}.get(
+                    c, f"bench {i}"
+                )
+                for c in cols
+                if c in fresh
+            )
+            + (src,)
+            for i, k in enumerate(secrets_)
+        ],
+    )
+    con.execute("COMMIT")
+    con.close()
+    return secrets_
+
+
 def grow_backlog(db_path: Path, total: int) -> str:
     """Copy waiting task rows in SQL until `total` wait; returns the newest one's id."""
     con = sqlite3.connect(db_path)
@@ -214,6 +248,12 @@ def grow_backlog(db_path: Path, total: int) -> str:
         f"SELECT ?, {select_cols} FROM tasks WHERE id = ?",
         ((f"task_bench{waiting + i:012d}", template) for i in range(n)),
     )
+    # The backlog belongs to a key that does not submit here (see clone_keys), but for its
+    # newest task, which the poll benchmark reads with the seed's key.
+    con.execute(
+        "UPDATE tasks SET key_id = 'key_bench000000' WHERE id LIKE 'task_bench%' "
+        "AND state = 'queued' AND seq < (SELECT max(seq) FROM tasks)"
+    )
     con.execute("COMMIT")
     newest = con.execute(
         "SELECT id FROM tasks WHERE state = 'queued' ORDER BY seq DESC LIMIT 1"
@@ -231,11 +271,29 @@ def waiting_count(db_path: Path) -> int:
 
 
 def wrk(
-    url: str, *, seconds: float, connections: int, secret: str | None, post: bool, cpu: str | None
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    secret: str | list[str] | None,
+    post: bool,
+    cpu: str | None,
 ) -> dict[str, float]:
     script = None
     lines = []
-    if secret:
+    if isinstance(secret, list):
+        # One key a request, in turn (wrk calls request() for each one it sends).
+        quoted = ", ".join(f'"{k}"' for k in secret)
+        lines += [
+            f"local keys = {{{quoted}}}",
+            "local i = 0",
+            "request = function()",
+            "  i = i % #keys + 1",
+            '  wrk.headers["Authorization"] = "Bearer " .. keys[i]',
+            "  return wrk.format()",
+            "end",
+        ]
+    elif secret:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {secret}"')
     if post:
         body = SUBMIT_BODY.replace('"', '\\"')
@@ -276,7 +334,7 @@ def measure(
     path: str,
     args: argparse.Namespace,
     *,
-    secret: str | None,
+    secret: str | list[str] | None,
     post: bool = False,
     connections: int = 4,
 ) -> dict[str, float]:
@@ -299,6 +357,7 @@ def cost_rounds(
     queued: dict[str, str],
     args: argparse.Namespace,
     endpoints: list[str],
+    submit_keys: dict[str, list[str]],
 ) -> dict[str, Any]:
     rows: dict[str, dict[str, list[dict[str, float]]]] = {
         s.name: {e: [] for e in endpoints} for s in servers
@@ -314,7 +373,13 @@ def cost_rounds(
                     "poll_queued_newest": (f"/api/v1/tasks/{queued[server.name]}", False),
                     "submit": ("/api/v1/images/generations", True),
                 }[endpoint]
-                secret = None if endpoint == "healthz" else sd["secret"]
+                secret: str | list[str] | None = (
+                    None
+                    if endpoint == "healthz"
+                    else submit_keys[server.name]
+                    if post
+                    else sd["secret"]
+                )
                 rows[server.name][endpoint].append(
                     measure(server, path, args, secret=secret, post=post)
                 )
@@ -370,6 +435,10 @@ def main() -> int:
             Server("this", ROOT / "src", tmpdir / "this", 18302),
         ]
         seeds = {s.name: seed(s) for s in servers}
+        submit_keys = {
+            s.name: clone_keys(s.db_path, seeds[s.name]["secret"], args.submit_keys + 1)[1:]
+            for s in servers
+        }
         for s in servers:
             stack.callback(s.stop)
         phases: dict[str, Any] = {}
@@ -389,7 +458,7 @@ def main() -> int:
             for s in servers:
                 s.start(workers=0, cpu="0")
             waiting_before = {s.name: waiting_count(s.db_path) for s in servers}
-            phases[label] = cost_rounds(servers, seeds, queued, args, endpoints)
+            phases[label] = cost_rounds(servers, seeds, queued, args, endpoints, submit_keys)
             phases[label]["waiting_at_start"] = waiting_before
             phases[label]["waiting_at_end"] = {s.name: waiting_count(s.db_path) for s in servers}
             for s in servers:
