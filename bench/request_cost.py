@@ -89,7 +89,9 @@ class Server:
             "COGVIEW_MODEL": "test-echo",
             "COGVIEW_MAX_QUEUE": "10000000",
             # The per-key limits keep their defaults: submits rotate over `--submit-keys` keys,
-            # as many tenants would send them, and the backlog belongs to another key.
+            # as many tenants would send them, and the backlog belongs to another key. Each key
+            # stays far under the default submit rate (10 a second), so every submit runs the
+            # rate's UPDATE and is admitted.
             "COGVIEW_LOG_LEVEL": "warning",
         }
         self.proc: subprocess.Popen[bytes] | None = None

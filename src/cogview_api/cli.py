@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from cogview_api.config import Settings
 from cogview_api.errors import CogviewError, EngineLoadError
 from cogview_api.services import keys as key_service
+from cogview_api.services import limits as limit_service
+from cogview_api.services.limits import KeyLimits
 from cogview_api.store.db import Database
 
 
@@ -55,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("key_id")
     rotate.add_argument("--json", action="store_true")
 
+    limits = keys.add_parser(
+        "limits",
+        help="show a key's limits; with options, give it its own (--reset: the settings' again)",
+    )
+    limits.add_argument("key_id")
+    limits.add_argument("--rate", type=float, help="submits per second; 0 = no rate limit")
+    limits.add_argument("--burst", type=int, help="submits at once after a quiet spell")
+    limits.add_argument("--max-waiting", type=int, help="tasks waiting at once")
+    limits.add_argument("--reset", action="store_true", help="drop the key's own limits")
+    limits.add_argument("--json", action="store_true")
+
     credits = sub.add_parser("credits", help="credit ledger").add_subparsers(
         dest="credits_command", required=True
     )
@@ -89,6 +102,36 @@ def _key_dict(key: Any) -> dict[str, Any]:
         "created_at": key.created_at.isoformat(),
         "revoked": key.revoked_at is not None,
     }
+
+
+def _key_limits(args: argparse.Namespace, settings: Settings, db: Database) -> KeyLimits:
+    if args.reset or any(v is not None for v in (args.rate, args.burst, args.max_waiting)):
+        return limit_service.set_key_limits(
+            db,
+            settings,
+            args.key_id,
+            submit_rate=args.rate,
+            submit_burst=args.burst,
+            max_waiting=args.max_waiting,
+            reset=args.reset,
+        )
+    return limit_service.key_limits(db, settings, args.key_id)
+
+
+def _print_limits(limits: KeyLimits, *, as_json: bool) -> None:
+    values = {
+        "submit_rate": limits.submit_rate,
+        "submit_burst": limits.submit_burst,
+        "max_waiting": limits.max_waiting,
+    }
+    if as_json:
+        print(json.dumps({"id": limits.key_id, **values, "own": sorted(limits.own)}))
+        return
+    print(f"limits of {limits.key_id} (own: the key's; default: the settings'):")
+    for name, value in values.items():
+        shown = "no limit" if name == "submit_rate" and value == 0 else f"{value:g}"
+        origin = "own" if name in limits.own else "default"
+        print(f"  {name:13s} {shown:>12s}  {origin}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +197,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "keys" and args.keys_command == "revoke":
         key = key_service.revoke_key(db, args.key_id)
         print(f"revoked {key.id} ({key.name})")
+    elif args.command == "keys" and args.keys_command == "limits":
+        _print_limits(_key_limits(args, settings, db), as_json=args.json)
     elif args.command == "credits":
         key = key_service.grant_credits(db, key_id=args.key_id, amount=args.amount, note=args.note)
         print(f"{key.id}: balance {key.balance}")

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     # Waiting tasks one key may have; over it a submit gets 429. While the whole queue is full
     # (max_queue), a key with fewer than its equal share of it is still admitted.
     max_waiting_per_key: int = Field(default=100, ge=1)
+    # Submits per second one key may make, with bursts of up to submit_burst at once (GCRA, kept
+    # in the database so every API replica enforces the same numbers); over it, 429. A key's own
+    # values (`cogview-api keys limits`) replace these. 0 = no submit rate limit.
+    submit_rate: float = Field(default=10.0, ge=0.0, le=1_000_000.0)
+    submit_burst: int = Field(default=50, ge=1, le=1_000_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # A comment line on an idle event stream this often, so proxies keep the connection open.
     sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)

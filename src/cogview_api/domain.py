@@ -315,6 +315,10 @@ class ApiKey:
     revoked_at: datetime | None
     credits_spent: int = 0  # net of refunds
     images_generated: int = 0
+    # The key's own limits; None: the settings' (submit_rate 0: no submit rate limit).
+    submit_rate: float | None = None
+    submit_burst: int | None = None
+    max_waiting: int | None = None
 
 
 def _as_members(obj: object, **fields: type[StrEnum]) -> None:

@@ -9,6 +9,7 @@
     ├── MethodNotAllowed          405 invalid_request
     ├── Conflict                  409 conflict
     ├── RequestTooLarge           413 request_too_large
+    ├── RateLimited               429 rate_limit_exceeded  (a key over its submit rate or waiting)
     ├── ServiceUnavailable        503 service_unavailable  (queue full, no engine, database down)
     │   └── StorageError          503 service_unavailable  (the image store failed or is down)
     ├── TaskFailed                500 server_error         (a synchronous request's task failed)
@@ -22,6 +23,8 @@ Anything else that escapes to the API is a bug: 500 server_error, logged with a 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class CogviewError(Exception):
@@ -85,11 +88,31 @@ class RetryLater(CogviewError):
         self.retry_after = retry_after
 
 
+@dataclass(frozen=True)
+class LimitState:
+    """One per-key limit as an answer reports it (the API renders these as the IETF
+    `RateLimit-Policy` and `RateLimit` headers): its name, its quota over `window` seconds
+    (None: not a quota over time, e.g. waiting tasks), what is left of it, and in how many
+    seconds it is whole again (None: when tasks start, not at a known time)."""
+
+    name: str
+    quota: int
+    window: int | None
+    remaining: int
+    reset: int | None
+
+
 class RateLimited(RetryLater):
-    """This key is over one of its limits."""
+    """This key is over one of its limits; `limits`: the state of the key's limits."""
 
     status = 429
     type = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: int = 5, limits: tuple[LimitState, ...] = ()
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limits = limits
 
 
 class ServiceUnavailable(RetryLater):

@@ -156,6 +156,7 @@ def fleet(tmp_path: Path, pg_cluster: pg.PgCluster) -> Iterator[Fleet]:
             "COGVIEW_MAX_QUEUE": "10000",
             # One key's steady load is what these test, not its flood: no per-key limit.
             "COGVIEW_MAX_WAITING_PER_KEY": "10000",
+            "COGVIEW_SUBMIT_RATE": "0",
         },
     )
     running = Fleet(workdir=tmp_path, url=url, db=db, env=env)

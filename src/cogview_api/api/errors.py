@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -25,8 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cogview_api.errors import (
     CogviewError,
     InvalidRequest,
+    LimitState,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     RequestTooLarge,
     RetryLater,
     TaskFailed,
@@ -112,10 +114,28 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def ratelimit_headers(limits: Sequence[LimitState]) -> dict[str, str]:
+    """The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers-11: Structured
+    Field lists, one item per policy) of a key's limits, e.g.
+    `RateLimit-Policy: "submits";q=50;w=5, "waiting";q=100` and
+    `RateLimit: "submits";r=49;t=1, "waiting";r=99`. None: no fields."""
+    if not limits:
+        return {}
+    policies, states = [], []
+    for limit in limits:
+        window = "" if limit.window is None else f";w={limit.window}"
+        reset = "" if limit.reset is None else f";t={limit.reset}"
+        policies.append(f'"{limit.name}";q={limit.quota}{window}')
+        states.append(f'"{limit.name}";r={limit.remaining}{reset}')
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
+
+
 def from_exception(exc: CogviewError, path: str) -> JSONResponse:
     headers = None
     if isinstance(exc, RetryLater):
         headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after), **ratelimit_headers(exc.limits)}
     if isinstance(exc, TaskFailed | WaitTimedOut):
         # The OpenAI and Zhipu SDKs retry 5xx answers unless told not to; a retry would start
         # (and charge) another generation while a late task is still running.

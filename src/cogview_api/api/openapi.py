@@ -79,11 +79,12 @@ ERROR_DOCS: dict[int, tuple[str, tuple[str, str, str | None]]] = {
         ("request_too_large", "Request body is larger than 65536 bytes.", None),
     ),
     429: (
-        "This key already has its most tasks waiting (COGVIEW_MAX_WAITING_PER_KEY); see "
-        "`Retry-After`.",
+        "This key is over its submit rate (COGVIEW_SUBMIT_RATE, COGVIEW_SUBMIT_BURST) or already "
+        "has its most tasks waiting (COGVIEW_MAX_WAITING_PER_KEY); nothing was charged. See "
+        "`Retry-After` and the `RateLimit` headers.",
         (
             "rate_limit_exceeded",
-            "This key has 100 tasks waiting, its most; submit again once one has started.",
+            "This key may submit 10 times a second, 50 at most at once; submit again in 1 s.",
             None,
         ),
     ),
@@ -100,6 +101,28 @@ ERROR_DOCS: dict[int, tuple[str, tuple[str, str, str | None]]] = {
         "(Synchronous routes) the task did not finish in time; it goes on, still charged.",
         ("timeout", f"Task {examples.TASK_ID} did not finish within 280 s.", None),
     ),
+}
+
+
+# The IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers-11) of a submit's
+# answer, taken or refused (api/errors.py `ratelimit_headers`).
+RATELIMIT_HEADERS = {
+    "RateLimit-Policy": {
+        "description": "The key's limits, a Structured Field list: `submits` (`q` submits at "
+        "once, earned back over `w` seconds) and `waiting` (`q` tasks waiting at once).",
+        "schema": {"type": "string", "example": '"submits";q=50;w=5, "waiting";q=100'},
+    },
+    "RateLimit": {
+        "description": "What is left of each: `r` submits (tasks) now, `t` seconds until the "
+        "whole burst is back.",
+        "schema": {"type": "string", "example": '"submits";r=49;t=1, "waiting";r=99'},
+    },
+}
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "schema": {"type": "integer", "minimum": 1},
+    }
 }
 
 
@@ -131,6 +154,8 @@ def error_responses(
             "description": description,
             "content": {"application/json": example_media(example)},
         }
+        if status == 429:
+            out[status]["headers"] = {**RETRY_AFTER_HEADER, **RATELIMIT_HEADERS}
     return out
 
 
@@ -146,7 +171,10 @@ def sync_generation_docs(
     give in its surface's envelope (409 when the task was cancelled while the request waited,
     504 when it did not finish in time)."""
     responses: dict[int | str, dict[str, Any]] = {
-        200: {**json_200(answer_example), "headers": OPENAPI_ANSWER_HEADER},
+        200: {
+            **json_200(answer_example),
+            "headers": {**OPENAPI_ANSWER_HEADER, **RATELIMIT_HEADERS},
+        },
         **error_responses(
             surface,
             *(400, 401, 402, 403, 409, 413, 429, 500, 503, 504),

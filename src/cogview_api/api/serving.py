@@ -13,20 +13,20 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from cogview_api.api.errors import invalid_from_validation
+from cogview_api.api.errors import invalid_from_validation, ratelimit_headers
 from cogview_api.api.idempotency import idempotency_key
 from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.present import ImageLinks, Presign
 from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Task, TaskState
-from cogview_api.errors import TaskCancelled, TaskFailed, WaitTimedOut
+from cogview_api.errors import LimitState, TaskCancelled, TaskFailed, WaitTimedOut
 from cogview_api.services import generation
 from cogview_api.services.backends import Backends
 from cogview_api.services.generation import Submission, SubmitRequest
@@ -57,6 +57,12 @@ class Accepted(Generic[Body]):
     body: Body
     task: Task
     replayed: bool  # an earlier request with the same Idempotency-Key made the task
+    limits: tuple[LimitState, ...] = ()  # the key's limits after the submit; none on a replay
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The RateLimit header fields every surface's successful submit answers with."""
+        return ratelimit_headers(self.limits)
 
 
 def bearer_secret(request: Request) -> str | None:
@@ -124,7 +130,12 @@ class GenerationServing:
         if not submitted.replayed:
             for notify in self.on_submit:
                 notify()
-        return Accepted(body=read[0], task=submitted.task, replayed=submitted.replayed)
+        return Accepted(
+            body=read[0],
+            task=submitted.task,
+            replayed=submitted.replayed,
+            limits=submitted.limits,
+        )
 
     async def read_task(self, secret: str, task_id: str) -> Task:
         """The task as its key may see it now (the key checked again: a revoked key stops)."""
@@ -172,4 +183,4 @@ class GenerationServing:
             raise TaskCancelled(f"Task {task.id} was cancelled: {reason}")
         if finished.state is not TaskState.COMPLETED:
             raise TaskFailed(f"Task {task.id} failed: {reason}")
-        return Accepted(body=accepted.body, task=finished, replayed=accepted.replayed)
+        return replace(accepted, task=finished)

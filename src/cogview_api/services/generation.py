@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection
 
+from cogview_api import clock
 from cogview_api.addresses import UnsafeTarget, check_url, parse_allow_list
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Task, TaskState
@@ -17,14 +18,18 @@ from cogview_api.errors import (
     CogviewError,
     Conflict,
     InvalidRequest,
+    LimitState,
     NotFound,
     ServiceUnavailable,
 )
 from cogview_api.services.keys import authenticate_in, usable_key
+from cogview_api.services.limits import effective_limits
 from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import idempotency as idempotency_store
+from cogview_api.store import ratelimit as rate_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
+from cogview_api.store.ratelimit import SubmitRate
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class IdempotencyKey:
 class Submission:
     task: Task
     replayed: bool  # True: an earlier request with the same Idempotency-Key created the task
+    # The key's limits after this submit (none for a replay, which counted against nothing).
+    limits: tuple[LimitState, ...] = ()
 
 
 # A retry that lost a race on its Idempotency-Key reads the winner's record on its next pass;
@@ -125,8 +132,8 @@ def submit_for(
         with db.write() as conn:
             key = authenticate_in(conn, secret)
             _refuse_unstorable(request)
-            task = _insert(conn, settings, key=key, request=request, base_url=base_url)
-        return Submission(task, replayed=False)
+            task, limits = _insert(conn, settings, key=key, request=request, base_url=base_url)
+        return Submission(task, replayed=False, limits=limits)
     with db.read() as conn:
         key = authenticate_in(conn, secret)
         if problem is not None:
@@ -175,12 +182,12 @@ def _submit_new(
                     idempotency_store.claim(
                         conn, key_id=key.id, idem_key=idem.value, request_hash=idem.request_hash
                     )
-                task = _insert(conn, settings, key=key, request=request, base_url=base_url)
+                task, limits = _insert(conn, settings, key=key, request=request, base_url=base_url)
                 if idem is not None:
                     idempotency_store.attach(
                         conn, key_id=key.id, idem_key=idem.value, task_id=task.id
                     )
-                return Submission(task, replayed=False)
+                return Submission(task, replayed=False, limits=limits)
         except idempotency_store.KeyClaimedMeanwhile:
             continue  # rolled back; the next pass finds the record that won
     raise ServiceUnavailable("The Idempotency-Key is busy; try again shortly.", retry_after=1)
@@ -193,8 +200,17 @@ def _insert(
     key: ApiKey,
     request: GenerationRequest,
     base_url: str | None = None,
-) -> Task:
-    return task_store.insert_task(
+) -> tuple[Task, tuple[LimitState, ...]]:
+    """Count the submit against the key's rate, then reserve and enqueue (task_store), in the
+    caller's transaction; returns the task and the state of the key's limits after it."""
+    limits = effective_limits(settings, key)
+    states: list[LimitState] = []
+    if limits.submit_rate:
+        rate = SubmitRate(rate=limits.submit_rate, burst=limits.submit_burst)
+        states.append(
+            rate_store.take_submit(conn, key_id=key.id, limit=rate, now=clock.epoch_seconds())
+        )
+    task, waiting = task_store.insert_task_counted(
         conn,
         key_id=key.id,
         request=request,
@@ -203,9 +219,11 @@ def _insert(
         price=settings.price_for(request.quality) * request.n,
         max_attempts=settings.max_attempts,
         max_queue=settings.max_queue,
-        max_waiting_per_key=settings.max_waiting_per_key,
+        max_waiting_per_key=limits.max_waiting,
         base_url=base_url,
     )
+    states.append(task_store.waiting_state(limits.max_waiting, waiting))
+    return task, tuple(states)
 
 
 def _replay(

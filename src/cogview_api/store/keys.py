@@ -96,6 +96,13 @@ def revoke_key(conn: Connection, key_id: str) -> ApiKey:
     return get_key(conn, key_id)
 
 
+def set_limits(conn: Connection, key_id: str, values: Mapping[str, object]) -> ApiKey:
+    """Set the key's own limits named in `values` (None: back to the settings'); returns it."""
+    if conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**values)).rowcount != 1:
+        raise NotFound(f"No key with id {key_id!r}.")
+    return get_key(conn, key_id)
+
+
 # The most credits a grant may bring a key to, and so the most one may move. Far below 2^63 - 1:
 # `balance + amount` of such values cannot overflow the 64-bit column, where SQLite would
 # silently turn the balance into a float (and PostgreSQL refuse it). A refund is never refused:
@@ -188,4 +195,7 @@ def key_from(m: Mapping[Any, Any]) -> ApiKey:
         revoked_at=m["revoked_at"],
         credits_spent=int(m["credits_spent"]),
         images_generated=int(m["images_generated"]),
+        submit_rate=m["submit_rate"],
+        submit_burst=m["submit_burst"],
+        max_waiting=m["max_waiting"],
     )

@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Double,
     Float,
     ForeignKey,
     Index,
@@ -73,6 +74,12 @@ api_keys = Table(
     # net of refunds, and images generated.
     Column("credits_spent", BigInteger, nullable=False, server_default="0"),
     Column("images_generated", BigInteger, nullable=False, server_default="0"),
+    # The key's own limits, NULL: the settings' (migration 0008; `cogview-api keys limits`).
+    Column("submit_rate", Double, nullable=True),  # submits per second; 0: no rate limit
+    Column("submit_burst", Integer, nullable=True),
+    Column("max_waiting", Integer, nullable=True),
+    # GCRA: the "theoretical arrival time" of the key's next submit, seconds since the epoch.
+    Column("submit_tat", Double, nullable=True),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
 )
 

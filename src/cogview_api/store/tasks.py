@@ -22,7 +22,7 @@ from cogview_api.domain import (
     image_seeds,
     new_task_id,
 )
-from cogview_api.errors import NotFound, RateLimited, ServiceUnavailable
+from cogview_api.errors import LimitState, NotFound, RateLimited, ServiceUnavailable
 from cogview_api.store.keys import add_credits, hash_key, key_from
 from cogview_api.store.notify import announce
 from cogview_api.store.tables import api_keys, images, queue_depth, tasks
@@ -76,6 +76,17 @@ def waiting_tasks(conn: Connection) -> int:
     return int(conn.execute(_WAITING).scalar_one())
 
 
+WAITING = "waiting"  # the waiting-tasks limit's name in the RateLimit headers
+
+
+def waiting_state(limit: int, waiting: int) -> LimitState:
+    """The waiting-tasks limit of a key with `waiting` tasks waiting: a quota of tasks, not of
+    time (no window; it comes back as tasks start)."""
+    return LimitState(
+        name=WAITING, quota=limit, window=None, remaining=max(0, limit - waiting), reset=None
+    )
+
+
 def insert_task(
     conn: Connection,
     *,
@@ -97,6 +108,35 @@ def insert_task(
     one key's flood never shuts out a key with little waiting); either way the caller's
     transaction rolls back and nothing is written.
     """
+    return insert_task_counted(
+        conn,
+        key_id=key_id,
+        request=request,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        price=price,
+        max_attempts=max_attempts,
+        max_queue=max_queue,
+        max_waiting_per_key=max_waiting_per_key,
+        base_url=base_url,
+    )[0]
+
+
+def insert_task_counted(
+    conn: Connection,
+    *,
+    key_id: str,
+    request: GenerationRequest,
+    steps: int,
+    guidance_scale: float,
+    price: int,
+    max_attempts: int,
+    max_queue: int,
+    max_waiting_per_key: int | None = None,
+    base_url: str | None = None,
+) -> tuple[Task, int]:
+    """`insert_task`, and how many of the key's tasks wait with this one (counted up to
+    `max_waiting_per_key`; 0 without it)."""
     own = 0
     if max_waiting_per_key is not None:
         own = int(
@@ -108,6 +148,7 @@ def insert_task(
             raise RateLimited(
                 f"This key has {own} tasks waiting, its most; submit again once one has started.",
                 retry_after=5,
+                limits=(waiting_state(max_waiting_per_key, own),),
             )
     waiting = waiting_tasks(conn)
     full = waiting >= max_queue
@@ -155,7 +196,8 @@ def insert_task(
         expires_at=None,
     )
     # Every task that waited when this transaction read the counter is ahead of this one.
-    return replace(_task(values, ()), queue_position=waiting + 1)
+    task = replace(_task(values, ()), queue_position=waiting + 1)
+    return task, (own + 1 if max_waiting_per_key is not None else 0)
 
 
 def get_task(conn: Connection, task_id: str, *, key_id: str | None = None) -> Task:

@@ -11,7 +11,13 @@ from starlette.responses import StreamingResponse
 from cogview_api.api import events, examples, idempotency
 from cogview_api.api.deps import BaseUrl, Secret, ServingDep, SettingsDep
 from cogview_api.api.idempotency import REPLAYED_HEADER
-from cogview_api.api.openapi import error_responses, example_media, json_200, json_request_body
+from cogview_api.api.openapi import (
+    RATELIMIT_HEADERS,
+    error_responses,
+    example_media,
+    json_200,
+    json_request_body,
+)
 from cogview_api.api.present import task_created, task_public
 from cogview_api.api.schemas import (
     AccountPublic,
@@ -43,6 +49,7 @@ SUBMIT_HEADERS = [
 ]
 SUBMIT_ANSWER_HEADERS = {
     **idempotency.OPENAPI_ANSWER_HEADER,
+    **RATELIMIT_HEADERS,
     "Preference-Applied": {
         "description": "`wait=N` when `data` is the finished task.",
         "schema": {"type": "string"},
@@ -85,6 +92,7 @@ async def create_generation(
     accepted = await serving.accept(
         request, surface="native", schema=GenerationCreate, secret=secret
     )
+    response.headers.update(accepted.headers)
     if accepted.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     if wait:

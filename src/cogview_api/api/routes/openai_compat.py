@@ -46,6 +46,7 @@ async def create_image(
         schema=OpenAIImageCreate,
         secret=secret,
     )
+    response.headers.update(done.headers)
     if done.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     body, task = done.body, done.task

@@ -43,6 +43,7 @@ async def create_image(
         schema=ZhipuImageCreate,
         secret=secret,
     )
+    response.headers.update(done.headers)
     if done.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     task = done.task

@@ -1,0 +1,97 @@
+"""Per-key limits: the settings' defaults, a key's own values over them, and setting those.
+
+Used by the submit (services/generation.py), the CLI (`cogview-api keys limits`) and any admin
+surface: each reads and sets a key's limits here, with the same checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cogview_api.config import Settings
+from cogview_api.domain import ApiKey
+from cogview_api.errors import InvalidRequest
+from cogview_api.store import keys as key_store
+from cogview_api.store.db import Database
+
+# The bounds of a key's own values: those of the settings (config.py), and the integer column.
+MAX_SUBMIT_RATE = 1_000_000.0
+MAX_SUBMIT_BURST = 1_000_000
+MAX_WAITING = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's limits in effect: its own values where it has them, else the settings'.
+    `submit_rate` 0: no submit rate limit. `own`: the names of the values that are the key's."""
+
+    key_id: str
+    submit_rate: float
+    submit_burst: int
+    max_waiting: int
+    own: frozenset[str]
+
+
+def effective_limits(settings: Settings, key: ApiKey) -> KeyLimits:
+    own = {
+        name
+        for name in ("submit_rate", "submit_burst", "max_waiting")
+        if getattr(key, name) is not None
+    }
+    return KeyLimits(
+        key_id=key.id,
+        submit_rate=settings.submit_rate if key.submit_rate is None else key.submit_rate,
+        submit_burst=settings.submit_burst if key.submit_burst is None else key.submit_burst,
+        max_waiting=settings.max_waiting_per_key if key.max_waiting is None else key.max_waiting,
+        own=frozenset(own),
+    )
+
+
+def key_limits(db: Database, settings: Settings, key_id: str) -> KeyLimits:
+    """The key's limits in effect. NotFound for an unknown key."""
+    with db.read() as conn:
+        return effective_limits(settings, key_store.get_key(conn, key_id))
+
+
+def set_key_limits(
+    db: Database,
+    settings: Settings,
+    key_id: str,
+    *,
+    submit_rate: float | None = None,
+    submit_burst: int | None = None,
+    max_waiting: int | None = None,
+    reset: bool = False,
+) -> KeyLimits:
+    """Give the key its own values for the limits named (the others keep theirs), or with
+    `reset`, drop all its own values (it follows the settings again). They hold from the key's
+    next submit, on every replica. Returns the limits in effect; InvalidRequest for a value out
+    of range (or values given with `reset`), NotFound for an unknown key."""
+    values = {"submit_rate": submit_rate, "submit_burst": submit_burst, "max_waiting": max_waiting}
+    given = {name: value for name, value in values.items() if value is not None}
+    if reset and given:
+        raise InvalidRequest("Give either new limits or reset, not both.", param="reset")
+    if submit_rate is not None and not (
+        math.isfinite(submit_rate) and 0 <= submit_rate <= MAX_SUBMIT_RATE
+    ):
+        raise InvalidRequest(
+            f"The submit rate must be from 0 (no limit) to {MAX_SUBMIT_RATE:g} a second.",
+            param="submit_rate",
+        )
+    if submit_burst is not None and not 1 <= submit_burst <= MAX_SUBMIT_BURST:
+        raise InvalidRequest(
+            f"The burst must be from 1 to {MAX_SUBMIT_BURST} submits.", param="submit_burst"
+        )
+    if max_waiting is not None and not 1 <= max_waiting <= MAX_WAITING:
+        raise InvalidRequest(
+            f"The waiting tasks limit must be from 1 to {MAX_WAITING}.", param="max_waiting"
+        )
+    with db.write() as conn:
+        changes = dict.fromkeys(values) if reset else given
+        key = (
+            key_store.set_limits(conn, key_id, changes)
+            if changes
+            else key_store.get_key(conn, key_id)
+        )
+        return effective_limits(settings, key)
