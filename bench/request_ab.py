@@ -27,6 +27,10 @@ def main() -> int:
     p.add_argument("endpoints", nargs="?", default="healthz,poll_completed,account,submit")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=3)
+    p.add_argument("--port", type=int, default=18401, help="the base's port; this tree's is +1")
+    p.add_argument(
+        "--submit-keys", type=int, default=400, help="keys the submits rotate over (one a request)"
+    )
     args = p.parse_args()
     endpoints = args.endpoints.split(",")
     rc.LOGS.mkdir(exist_ok=True)
@@ -35,15 +39,20 @@ def main() -> int:
         (t / "base").mkdir()
         (t / "this").mkdir()
         servers = [
-            rc.Server("base", rc.export_tree(args.ref, t / "base"), t / "base", 18401),
-            rc.Server("this", rc.ROOT / "src", t / "this", 18402),
+            rc.Server("base", rc.export_tree(args.ref, t / "base"), t / "base", args.port),
+            rc.Server("this", rc.ROOT / "src", t / "this", args.port + 1),
         ]
         seeds = {s.name: rc.seed(s) for s in servers}
+        # As request_cost.py: submits rotate over keys of their own, the backlog is another's.
+        submit_keys = {
+            s.name: rc.clone_keys(s.db_path, seeds[s.name]["secret"], args.submit_keys + 1)[1:]
+            for s in servers
+        }
         queued = {s.name: rc.grow_backlog(s.db_path, 100) for s in servers}
         try:
             for s in servers:
                 s.start(workers=0, cpu="0")
-            out = rc.cost_rounds(servers, seeds, queued, args, endpoints)
+            out = rc.cost_rounds(servers, seeds, queued, args, endpoints, submit_keys)
         finally:
             for s in servers:
                 s.stop()
