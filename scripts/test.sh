@@ -9,11 +9,13 @@ cd "$(dirname "$0")/.."
 # downloaded browser), PostgreSQL's server binaries, from which the tests start a throwaway
 # cluster of their own (the package's default cluster is not used), and a C++ compiler with
 # Python's headers, with which torch.compile's inductor builds its CPU kernels (the compiled
-# engine test).
+# engine test), and the Prometheus server with its promtool (the metrics test scrapes real
+# processes with it, and promtool checks the shipped config and alert rules).
 PACKAGES=()
 command -v chromium >/dev/null 2>&1 || PACKAGES+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || PACKAGES+=(postgresql)
 command -v g++ >/dev/null 2>&1 || PACKAGES+=(g++)
+[ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ] || PACKAGES+=(prometheus)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || PACKAGES+=(python3-dev)
 if [ "${#PACKAGES[@]}" -gt 0 ]; then

@@ -33,10 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         help="HTTP processes sharing the port (default 1); the workers stay in this one",
     )
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    serve.add_argument(
+        "--metrics-port", type=int, help="serve /metrics on this port instead of the API's"
+    )
 
     worker = sub.add_parser("worker", help="a worker process taking tasks from the database")
     worker.add_argument("--model")
     worker.add_argument("--device")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve this worker's Prometheus metrics on this port"
+    )
 
     sub.add_parser("migrate", help="bring the database schema up to date")
 
@@ -81,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("host", "port", "model", "workers", "device", "http_processes")
+        for name in ("host", "port", "model", "workers", "device", "http_processes", "metrics_port")
         if getattr(args, name, None) is not None
     }
     return Settings(**overrides)

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     submit_rate: float = Field(default=10.0, ge=0.0, le=1_000_000.0)
     submit_burst: int = Field(default=50, ge=1, le=1_000_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Prometheus metrics (docs/deploy.md "Metrics and alerts"). `metrics`: off = no /metrics,
+    # no HTTP instrumentation, no worker exporter. `metrics_port`: serve them there (on `host`)
+    # instead of at the API's /metrics; for `cogview-api worker` (`--metrics-port`), the port
+    # of its own exporter, which it has only when this is set.
+    metrics: bool = True
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # A comment line on an idle event stream this often, so proxies keep the connection open.
     sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)
     # How long the synchronous OpenAI and Zhipu routes hold a request for its task; under the

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from types import FrameType
@@ -13,12 +14,14 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from cogview_api import metrics
 from cogview_api.api.app import create_app
 from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
-from cogview_api.errors import CogviewError
+from cogview_api.errors import CogviewError, ServiceUnavailable
 from cogview_api.services.backends import Backends
+from cogview_api.services.metrics import queue_snapshot
 from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
@@ -73,8 +76,14 @@ def load_engines(settings: Settings, count: int) -> list[Engine]:
 
 
 def serve(settings: Settings) -> None:
+    if settings.metrics and settings.http_processes > 1:
+        share_metrics_between_processes()
     db = Database(settings.database_url)
     db.migrate()
+    if settings.metrics and settings.metrics_port is not None:  # before the model's long load
+        start_metrics_exporter(
+            settings, [metrics.QueueCollector(lambda: queue_snapshot(db, settings))]
+        )
     storage = open_storage(
         settings.storage_url,
         s3_endpoint_url=settings.s3_endpoint_url,
@@ -230,9 +239,40 @@ def start_listener(settings: Settings, db: Database, workers: list[Worker]) -> L
     return Listener(db.url, wake_all).start()
 
 
+def share_metrics_between_processes() -> None:
+    """`serve --http-processes N`: every process (the HTTP ones, and this one with the
+    workers) records into a file of its own in one folder, and each scrape sums them. The
+    operator's PROMETHEUS_MULTIPROC_DIR is emptied (last run's files would count again), else
+    a new temporary folder serves."""
+    folder = os.environ.get(metrics.MULTIPROC_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".db"):
+                os.remove(os.path.join(folder, name))
+    else:
+        folder = tempfile.mkdtemp(prefix="cogview-metrics-")
+    metrics.use_multiprocess(folder)
+
+
+def start_metrics_exporter(settings: Settings, extra: list[metrics.QueueCollector]) -> None:
+    assert settings.metrics_port is not None
+    try:
+        metrics.start_exporter(settings.host, settings.metrics_port, extra)
+    except OSError as exc:
+        raise ServiceUnavailable(
+            f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {exc.strerror}"
+            " (COGVIEW_METRICS_PORT / --metrics-port)"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+
+
 def run_worker(settings: Settings) -> None:
     db = Database(settings.database_url)
     db.migrate()
+    if settings.metrics and settings.metrics_port is not None:
+        # Its own metrics only: the queue's gauges come from the API (one copy of each).
+        start_metrics_exporter(settings, [])
     storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     (engine,) = load_engines(settings, 1)
     worker = Worker(settings=settings, db=db, storage=storage, engine=engine)

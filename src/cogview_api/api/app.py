@@ -9,13 +9,24 @@ from fastapi.staticfiles import StaticFiles
 
 from cogview_api import __version__
 from cogview_api.api.errors import RequestGuard, install_error_handlers
+from cogview_api.api.metrics import HttpMetrics
 from cogview_api.api.openapi import install_docs
-from cogview_api.api.routes import health, images, native, openai_compat, page, zhipu_compat
+from cogview_api.api.routes import (
+    health,
+    images,
+    metrics,
+    native,
+    openai_compat,
+    page,
+    zhipu_compat,
+)
 from cogview_api.api.routes.page import STATIC
 from cogview_api.api.serving import GenerationServing
 from cogview_api.config import Settings
+from cogview_api.metrics import QueueCollector
 from cogview_api.services.backends import Backends
 from cogview_api.services.images import presigner
+from cogview_api.services.metrics import queue_snapshot
 from cogview_api.services.signals import TaskSignals
 
 
@@ -53,6 +64,9 @@ def create_app(
     app.include_router(images.router)
     app.include_router(health.router)
     app.include_router(page.router)
+    if settings.metrics and settings.metrics_port is None:
+        app.state.queue_collector = QueueCollector(lambda: queue_snapshot(backends.db, settings))
+        app.include_router(metrics.router)
     install_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(
@@ -60,4 +74,6 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         allowed_hosts=settings.allowed_hosts(),
     )
+    if settings.metrics:  # outermost: it also counts what RequestGuard refuses
+        app.add_middleware(HttpMetrics)
     return app

@@ -268,8 +268,9 @@ class RequestGuard:
         await resp(scope, _no_receive, send)
 
 
-# Probes reach a replica by its address (Kubernetes, compose) and their answers hold no URL.
-UNCHECKED_HOST_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes and scrapers reach a replica by its address (Kubernetes, compose, Prometheus) and
+# their answers hold no URL.
+UNCHECKED_HOST_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def _host_name(raw: bytes) -> str:

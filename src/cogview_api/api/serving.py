@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from cogview_api.api.errors import invalid_from_validation, ratelimit_headers
 from cogview_api.api.idempotency import idempotency_key
 from cogview_api.api.inputs import parse_json_object
+from cogview_api.api.metrics import count_submitted
 from cogview_api.api.present import ImageLinks, Presign
 from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Task, TaskState
@@ -128,6 +129,7 @@ class GenerationServing:
             )
         )
         if not submitted.replayed:
+            count_submitted(surface, submitted.task)
             for notify in self.on_submit:
                 notify()
         return Accepted(

@@ -26,6 +26,7 @@ from cogview_api.domain import BatchKey
 from cogview_api.engine import EngineJob, ProgressFn
 from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
 from cogview_api.errors import EngineError, EngineLoadError, EngineOutOfMemory
+from cogview_api.metrics import instruments
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -142,11 +143,25 @@ class CogView4Engine:
     def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image]]:
         with self._lock:
             if self.fast is None:
-                return [self._generate_one(job, progress) for job in jobs]
+                try:
+                    return [self._generate_one(job, progress) for job in jobs]
+                finally:
+                    self._record_memory()
             results: dict[int, list[Image]] = {}
-            for batch in _batches(jobs):
-                results.update(self._generate_batch(jobs, batch, progress))
+            try:
+                for batch in _batches(jobs):
+                    results.update(self._generate_batch(jobs, batch, progress))
+            finally:
+                self._record_memory()
             return [results[i] for i in range(len(jobs))]
+
+    def _record_memory(self) -> None:
+        """GPU memory now and at its peak since the start, for the metrics (CUDA only)."""
+        if not self.device.startswith("cuda"):
+            return
+        m = instruments()
+        m.gpu_memory.labels(self.device).set(torch.cuda.memory_allocated(self.device))
+        m.gpu_memory_peak.labels(self.device).set(torch.cuda.max_memory_allocated(self.device))
 
     def _generate_batch(
         self, jobs: Sequence[EngineJob], batch: list[int], progress: ProgressFn
@@ -231,11 +246,14 @@ class CogView4Engine:
         image at a time: the VAE's activations at full resolution are the largest tensors of a
         task (about 3.2 GB per 1024*1024 image in bf16, bench/memory_estimate.py), so decoding
         a job's four images together would need four times that at once."""
+        started = time.perf_counter()
         vae = self.pipe.vae
         images: list[Image] = []
         for row in latents.split(1):
             decoded = vae.decode(row.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
             images += self.pipe.image_processor.postprocess(decoded[0], output_type="pil")
+        # PIL images are on the host: the GPU is done with them.
+        instruments().stage.labels("decode").observe(time.perf_counter() - started)
         return images
 
 

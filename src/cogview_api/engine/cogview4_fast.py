@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from cogview_api.engine.cogview4_attention import MaskedAttnProcessor, left_padd
 from cogview_api.engine.cogview4_quant import check_fp8_device, quantize_fp8, quantize_int8
 from cogview_api.engine.cogview4_stepcache import StepCache
 from cogview_api.errors import EngineLoadError
+from cogview_api.metrics import instruments
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +231,11 @@ class FastCogView4:
         guidance_scale: float,
         on_step: StepFn,
     ) -> list[torch.Tensor | None]:
-        """Final latents of each job, or None for a job that `on_step` stopped."""
+        """Final latents of each job, or None for a job that `on_step` stopped. Records the
+        encode and denoise stages' times (synchronised with the GPU once each per batch)."""
+        started = time.perf_counter()
         rows = self._prepare(jobs, width, height, cfg=guidance_scale > 1)
+        encoded = self._stage_done("encode", started)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         timesteps = self._timesteps(scheduler, width, height, steps)
         cache = (
@@ -272,7 +277,16 @@ class FastCogView4:
         for g in range(len(jobs)):
             mine = [k for k, group in enumerate(rows.group) if group == g]
             results.append(None if g in stopped or not mine else rows.latents[mine])
+        self._stage_done("denoise", encoded)
         return results
+
+    def _stage_done(self, stage: str, since: float) -> float:
+        """Record a stage that began at `since` once the GPU has finished it; returns now."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        instruments().stage.labels(stage).observe(now - since)
+        return now
 
     def _prepare(self, jobs: Sequence[FastJob], width: int, height: int, *, cfg: bool) -> _Rows:
         negatives = [j.negative_prompt if cfg else j.prompt for j in jobs]

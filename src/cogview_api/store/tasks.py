@@ -87,6 +87,14 @@ def waiting_state(limit: int, waiting: int) -> LimitState:
     )
 
 
+_RUNNING = select(func.count()).select_from(tasks).where(tasks.c.state == TaskState.RUNNING)
+
+
+def running_tasks(conn: Connection) -> int:
+    """How many tasks a worker holds now (an index range: ix_tasks_state_seq)."""
+    return int(conn.execute(_RUNNING).scalar_one())
+
+
 def insert_task(
     conn: Connection,
     *,

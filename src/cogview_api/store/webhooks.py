@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import (
@@ -69,6 +69,15 @@ def enqueue_delivery(conn: Connection, *, task_id: str) -> None:
             next_attempt_at=now,
             created_at=now,
         )
+    )
+
+
+def pending_deliveries(conn: Connection) -> int:
+    """Deliveries neither delivered nor given up (an index range: ix_webhook_deliveries_due)."""
+    return int(
+        conn.execute(
+            select(func.count()).select_from(_d).where(_d.c.state == DeliveryState.PENDING)
+        ).scalar_one()
     )
 
 

@@ -32,6 +32,7 @@ from cogview_api.addresses import (
 from cogview_api.config import Settings
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
+from cogview_api.metrics import instruments
 from cogview_api.store import tasks as task_store
 from cogview_api.store import webhooks as delivery_store
 from cogview_api.store.db import Database
@@ -50,6 +51,13 @@ MAX_ERROR_CHARS = 300
 # Given by the composition root (server.py: `api.present.webhook_payload`), so the delivery
 # loop does not import the HTTP layer whose task object it sends.
 RenderPayload = Callable[[Task], str]
+
+
+def attempt_outcome(status: int | None, error: str | None) -> str:
+    """The metrics' outcome of one attempt (cogview_api.metrics.WEBHOOK_OUTCOMES)."""
+    if status is not None:
+        return "delivered" if 200 <= status < 300 else "http_error"
+    return "refused" if (error or "").startswith("refused") else "transport_error"
 
 
 class Dispatcher:
@@ -114,6 +122,7 @@ class Dispatcher:
         A record that cannot be written leaves the delivery to be claimed again after its
         lease (at least once)."""
         status, error = self._attempt(delivery)
+        instruments().webhook_attempts.labels(attempt_outcome(status, error)).inc()
         try:
             with self.db.write() as conn:
                 state = delivery_store.record_attempt(

@@ -29,6 +29,7 @@ from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.worker.encode import encode_image
+from cogview_api.worker.metering import BatchMeter
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -73,6 +74,7 @@ class Worker:
         self._recent: dict[str, int] = {}
         # Images stored for a task whose settling write failed; see _sweep_unrecorded.
         self._unrecorded: list[ImageRecord] = []
+        self._meter: BatchMeter | None = None  # the batch in hand's, for the metrics
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class Worker:
 
     def run_batch(self, batch: Sequence[Task]) -> None:
         ids = [t.id for t in batch]
+        self._meter = BatchMeter(batch)
         renewer = _LeaseRenewer(self, ids)
         renewer.start()
         try:
@@ -234,6 +237,8 @@ class Worker:
     def _progress(self, task_id: str, stage: str, step: int) -> bool:
         """Record a step. False when the task is no longer this worker's to run (cancelled, or
         its lease lapsed): the fenced write then matches no row, and the engine stops."""
+        if self._meter is not None:
+            self._meter.step(task_id)
         try:
             with self.db.write() as conn:
                 return task_store.set_progress(
@@ -253,6 +258,7 @@ class Worker:
             if not held:  # cancelled (or lease lost) while decoding: store nothing
                 log.info("task %s stopped before saving: no longer held by %s", task.id, self.id)
                 return
+            storing = time.perf_counter()
             for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
                 token = new_image_token()
                 key = f"{task.created_at:%Y/%m/%d}/{task.id}/{index}-{token}.{task.output_format}"
@@ -282,6 +288,9 @@ class Worker:
             if not done:  # cancelled or lost the lease meanwhile: the files are nobody's
                 for r in records:
                     self.storage.delete(r.storage_key)
+            elif self._meter is not None:
+                self._meter.stored(time.perf_counter() - storing)
+                self._meter.completed(task)
             self._settled(task.id)
         except Exception:
             log.exception("could not store the images of task %s", task.id)
@@ -308,7 +317,7 @@ class Worker:
     def _fail(self, task: Task, message: str) -> None:
         try:
             with self.db.write() as conn:
-                task_store.fail_task(
+                failed = task_store.fail_task(
                     conn,
                     task_id=task.id,
                     worker_id=self.id,
@@ -318,6 +327,9 @@ class Worker:
                 )
         except CogviewError:
             log.exception("could not mark task %s failed; its lease will run out", task.id)
+        else:
+            if failed and self._meter is not None:
+                self._meter.failed(task)
         self._settled(task.id)
 
     def _settled(self, task_id: str) -> None:

@@ -11,6 +11,7 @@ from starlette.responses import StreamingResponse
 from cogview_api.api import events, examples, idempotency
 from cogview_api.api.deps import BaseUrl, Secret, ServingDep, SettingsDep
 from cogview_api.api.idempotency import REPLAYED_HEADER
+from cogview_api.api.metrics import count_cancelled
 from cogview_api.api.openapi import (
     RATELIMIT_HEADERS,
     error_responses,
@@ -147,6 +148,7 @@ async def cancel_task(
         generation.cancel_for, serving.db, secret=secret, task_id=task_id
     )
     serving.signals.notify(task.id)  # requests waiting on it (Prefer: wait, streams) answer now
+    count_cancelled("native", task)
     return Envelope[TaskPublic](data=task_public(task, serving.links(request)))
 
 
