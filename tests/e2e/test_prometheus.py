@@ -18,7 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from cogview_api.services import keys as key_service
+from cogview_api.store.db import Database
 from tests.support import (
     CLI,
     ServerProcess,
@@ -31,6 +34,7 @@ from tests.support import (
 
 PROMETHEUS = Path("/usr/bin/prometheus")
 TASKS = 3
+READYZ = 20
 POLL_ROUTE = 'route="/api/v1/tasks/{task_id}"'
 
 
@@ -83,7 +87,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert PROMETHEUS.exists(), "Debian's prometheus package is needed (scripts/test.sh)"
     workdir = tmp_path_factory.mktemp("prom")
     env = server_env(workdir / "cache", {"COGVIEW_MODEL": "test-echo"})
-    api = ServerProcess(workdir=workdir, env=env, args=("--workers", "0"))
+    # Two HTTP processes on the port: whichever answers a scrape reports both (multiprocess).
+    api = ServerProcess(workdir=workdir, env=env, args=("--workers", "0", "--http-processes", "2"))
     worker_port, prom_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -147,12 +152,18 @@ def test_prometheus_reads_back_the_traffic_it_scraped(stack: Stack) -> None:
             assert poll_until_done(client, task_id, key)["status"] == "COMPLETED"
         # A refused request is counted with its status, under its route's template.
         assert client.get("/api/v1/tasks/nope_cv4", headers=auth(key)).status_code == 404
+    for _ in range(READYZ):  # a new connection each: the two HTTP processes share them out
+        assert httpx.get(stack.api.base_url + "/readyz").status_code == 200
 
     # Completions are the worker's; submits and polls the API's.
     stack.wait_for("sum(cogview_tasks_completed_total)", TASKS)
     stack.wait_for('sum(cogview_tasks_submitted_total{surface="native",quality="hd"})', TASKS)
     stack.wait_for("sum(cogview_http_requests_total{" + POLL_ROUTE + ',status="404"})', 1)
     stack.wait_for("cogview_workers_live", 1)
+    # Every scrape of the API sums both processes' files: the count reaches them all and never
+    # drops back (as it would if a scrape saw only the process that answered it).
+    stack.wait_for('sum(cogview_http_requests_total{route="/readyz"})', READYZ)
+    assert stack.scalar('sum(resets(cogview_http_requests_total{route="/readyz"}[5m]))') == 0
     assert stack.scalar("sum(cogview_batch_images_count)") == TASKS
     assert stack.scalar('sum(cogview_stage_duration_seconds_count{stage="store"})') == TASKS
 
@@ -165,3 +176,40 @@ def test_prometheus_reads_back_the_traffic_it_scraped(stack: Stack) -> None:
     labels = " ".join(str(s["metric"]) for s in stack.query('{__name__=~"cogview_.*"}'))
     assert not any(task_id in labels for task_id in ids)
     assert key not in labels
+
+
+def scraped(text: str, name: str, **labels: str) -> float:
+    """The sum of a family's samples in a scrape whose labels include `labels`."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
+
+
+def test_http_processes_share_one_set_of_metrics(tmp_path: Path) -> None:
+    """`serve --http-processes 2`: whichever process answers a scrape reports every process's
+    requests, and the tasks that the workers (in the first process) completed."""
+    env = server_env(tmp_path / "cache", {"COGVIEW_MODEL": "test-echo"})
+    api = ServerProcess(workdir=tmp_path, env=env, args=("--http-processes", "2"))
+    api.start()
+    try:
+        db = Database(f"sqlite:///{tmp_path}/cogview-data/cogview.db")
+        _, key = key_service.create_key(db, name="mp", credits=100)
+        db.dispose()
+        with httpx.Client(base_url=api.base_url, timeout=30) as client:
+            ids = [submit_task(client, key) for _ in range(2)]
+            for task_id in ids:
+                assert poll_until_done(client, task_id, key)["status"] == "COMPLETED"
+        healthz = 40
+        for _ in range(healthz):  # a new connection each: the processes share them out
+            assert httpx.get(api.base_url + "/healthz").status_code == 200
+        for _ in range(4):
+            text = httpx.get(api.base_url + "/metrics").text
+            name = "cogview_http_requests_total"
+            assert scraped(text, name, route="/healthz", status="200") >= healthz
+            assert scraped(text, "cogview_tasks_completed_total") == len(ids)
+            assert scraped(text, "cogview_tasks_submitted_total", surface="native") == len(ids)
+    finally:
+        api.stop()
