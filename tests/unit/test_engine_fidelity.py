@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from cogview_api.config import Settings
 from cogview_api.domain import PRESET_SIZES
@@ -371,3 +372,18 @@ def test_in_bf16_the_fast_path_gives_the_stock_image_alone_and_batched(
         [alone] = fast_latents(fast, [job])
         assert together is not None and alone is not None
         assert max_diff(together, alone) <= 2**-4, job.prompt
+
+
+def test_the_fast_engine_records_its_stage_times(engine: CogView4Engine) -> None:
+    """One batch of two jobs: one encode and one denoise for the batch, a decode per job
+    (cogview_api.metrics; GPU memory is recorded on CUDA only)."""
+    stages = ("encode", "denoise", "decode")
+
+    def counts() -> list[float]:
+        name = "cogview_stage_duration_seconds_count"
+        return [REGISTRY.get_sample_value(name, {"stage": s}) or 0.0 for s in stages]
+
+    before = counts()
+    jobs = [EngineJob(f"m{i}", PROMPTS[i], "", SMALL, SMALL, 2, 3.5, (i,)) for i in range(2)]
+    engine.generate(jobs, lambda *a: True)
+    assert [b - a for a, b in zip(before, counts(), strict=True)] == [1, 1, 2]
