@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from cogview_api.api.present import webhook_payload
@@ -20,6 +21,7 @@ from cogview_api.config import Settings
 from cogview_api.domain import ApiKey, GenerationRequest, Size, Task, TaskState
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
+from cogview_api.services.metrics import queue_snapshot
 from cogview_api.storage import open_storage
 from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
@@ -29,6 +31,8 @@ from cogview_api.store.tables import webhook_deliveries
 from cogview_api.webhooks.dispatcher import Dispatcher
 from cogview_api.worker.loop import Worker
 from tests.support import FlakyEngine, free_port
+
+ATTEMPTS = "cogview_webhook_attempts_total"
 
 HOOK = "http://127.0.0.1:{port}/hook"
 
@@ -116,8 +120,13 @@ def test_a_failing_receiver_is_retried_on_schedule_then_given_up(
     key, _ = key_service.create_key(db, name="k", credits=100)
     doomed = submit(db, hooked, key, HOOK.format(port=free_port()))  # nothing listens there
     generation.cancel(db, key=key, task_id=doomed.id)
+    # The metrics: the backlog gauge's count, and each attempt by its outcome.
+    assert queue_snapshot(db, hooked).webhooks_pending == 1
+    before = REGISTRY.get_sample_value(ATTEMPTS, {"outcome": "transport_error"}) or 0.0
     dispatcher = Dispatcher(settings=hooked, db=db, render=webhook_payload(hooked))
     assert [dispatcher.run_once() for _ in range(4)] == [1, 1, 1, 0]  # 1 + two retries
+    assert REGISTRY.get_sample_value(ATTEMPTS, {"outcome": "transport_error"}) == before + 3
+    assert queue_snapshot(db, hooked).webhooks_pending == 0
     hook = task(db, doomed.id).webhook
     assert hook is not None and hook.state == "failed" and hook.next_attempt_at is None
     assert [a.number for a in hook.attempts] == [1, 2, 3]
