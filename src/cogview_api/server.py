@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -252,6 +254,7 @@ def share_metrics_between_processes() -> None:
                 os.remove(os.path.join(folder, name))
     else:
         folder = tempfile.mkdtemp(prefix="cogview-metrics-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     metrics.use_multiprocess(folder)
 
 
