@@ -25,6 +25,7 @@ from PIL import Image
 from sqlalchemy import event
 
 from cogview_api.api.app import create_app
+from cogview_api.api.http_server import http_config
 from cogview_api.config import Settings
 from cogview_api.engine import EngineJob, ProgressFn
 from cogview_api.errors import EngineOutOfMemory
@@ -85,7 +86,8 @@ def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
     db.migrate()
     app = create_app(settings, backends=Backends.open(settings, db=db))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = http_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

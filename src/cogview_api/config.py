@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     # in the first process. Each has its own database pool (store/db.py; docs/deploy.md).
     http_processes: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # HTTP limits (docs/deploy.md): a request whose line and headers pass `http_max_header_bytes`
+    # gets 431; its headers must arrive within `http_header_timeout_seconds` of its first byte
+    # (or of the connection), its body within `http_body_timeout_seconds` of its headers; an
+    # idle keep-alive connection closes after `http_keep_alive_seconds`; past
+    # `http_max_connections` open connections (per HTTP process) a new one is answered 503.
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0.0)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0.0)
+    http_keep_alive_seconds: float = Field(default=5.0, gt=0.0)
+    http_max_connections: int = Field(default=2048, ge=1)
     max_queue: int = Field(default=1000, ge=1)
     # Waiting tasks one key may have; over it a submit gets 429. While the whole queue is full
     # (max_queue), a key with fewer than its equal share of it is still admitted.

@@ -15,9 +15,11 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.supervisors import Multiprocess
 
 from cogview_api import metrics
 from cogview_api.api.app import create_app
+from cogview_api.api.http_server import http_config
 from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
@@ -124,8 +126,9 @@ def serve(settings: Settings) -> None:
                 on_submit=[w.wake.set for w in workers],
                 signals=signals,
             )
-            config = uvicorn.Config(
+            config = http_config(
                 app,
+                settings,
                 host=settings.host,
                 port=settings.port,
                 log_level=settings.log_level,
@@ -210,8 +213,9 @@ def serve_http_processes(settings: Settings) -> None:
     on SQLite a new task waits for the workers' next poll, as with separate worker processes;
     on PostgreSQL LISTEN/NOTIFY wakes them."""
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    uvicorn.run(
+    config = http_config(
         "cogview_api.server:http_process_app",
+        settings,
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -219,6 +223,8 @@ def serve_http_processes(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
     )
+    # What uvicorn.run does for workers > 1, with our config (it builds its own from keywords).
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 def http_process_app() -> FastAPI:
