@@ -9,6 +9,7 @@ guarded balance update and the `FOR UPDATE SKIP LOCKED` claims are correct at th
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -74,7 +75,13 @@ def _sqlite_engine(url: str) -> Engine:
         # machinery (events, compiled cache, result) that a BEGIN has no use for: 6% of a poll.
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None  # a connection that begins is checked out, so it has one
-        dbapi.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+        try:
+            dbapi.execute(statement)
+        except sqlite3.OperationalError as exc:
+            # Raised past SQLAlchemy (a driver call of our own), so wrapped as it would wrap it,
+            # for _translated: a read-only or locked file is a 503, not a 500.
+            raise OperationalError(statement, None, exc) from exc
 
     return engine
 
