@@ -200,6 +200,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def worker_stale_seconds(self) -> float:
+        """A worker whose heartbeat is older is gone: not counted ready, its row pruned. Three
+        leases (at least 30 s): a live one beats every third of a lease even mid-batch."""
+        return max(30.0, 3 * self.lease_seconds)
+
+    @property
     def is_tiny(self) -> bool:
         return self.model == TINY_MODEL
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from types import FrameType
 
 import uvicorn
@@ -23,7 +22,7 @@ from cogview_api.api.http_server import http_config
 from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
-from cogview_api.errors import CogviewError, ServiceUnavailable
+from cogview_api.errors import ServiceUnavailable
 from cogview_api.services.backends import Backends
 from cogview_api.services.metrics import queue_snapshot
 from cogview_api.services.signals import TaskSignals
@@ -33,6 +32,7 @@ from cogview_api.store.db import Database
 from cogview_api.store.notify import Listener
 from cogview_api.webhooks.dispatcher import Dispatcher
 from cogview_api.worker.loop import Worker
+from cogview_api.worker.supervisor import WorkerThread, stop_workers
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ def serve(settings: Settings) -> None:
         Worker(settings=settings, db=db, storage=storage, engine=e, on_settled=signals.notify)
         for e in engines
     ]
-    threads = [threading.Thread(target=w.run, name=f"worker-{w.id}", daemon=True) for w in workers]
-    for t in threads:
-        t.start()
+    threads = [WorkerThread(w).start() for w in workers]
     listener = start_listener(settings, db, workers)
     # Webhooks, also with --workers 0; their payload is the API's task object.
     dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
@@ -125,6 +123,7 @@ def serve(settings: Settings) -> None:
                 backends=Backends.open(settings, db=db, storage=storage),
                 on_submit=[w.wake.set for w in workers],
                 signals=signals,
+                live_workers=(lambda: sum(t.live for t in threads)) if threads else None,
             )
             config = http_config(
                 app,
@@ -139,7 +138,7 @@ def serve(settings: Settings) -> None:
         signal.signal(signal.SIGTERM, _stopping)
         if listener is not None:
             listener.stop()
-        stop_workers(workers, threads, settings.shutdown_grace_seconds)
+        stop_workers(threads, settings.shutdown_grace_seconds)
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()
@@ -166,39 +165,6 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def _stopping(signum: int, frame: FrameType | None) -> None:
     log.info("signal %s: already stopping", signum)
-
-
-# After a hand-back, how long to wait for the worker to notice at its next denoising step.
-HAND_BACK_JOIN_S = 10.0
-
-
-def stop_workers(workers: list[Worker], threads: list[threading.Thread], grace: float) -> None:
-    """Stop claiming; let the batches in hand finish for up to `grace` seconds; hand back those
-    that did not (to the queue, no attempt counted) so another worker, or this one restarted,
-    takes them at once rather than after their lease."""
-    for w in workers:
-        w.shutdown()
-    deadline = time.monotonic() + grace
-    busy = [(w, t) for w, t in zip(workers, threads, strict=True) if t.is_alive()]
-    if busy and grace > 0:
-        log.info("finishing the batch in hand (up to %g s)", grace)
-    for w, t in busy:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-        if t.is_alive():
-            try:
-                released = w.hand_back()
-            except CogviewError as exc:  # the database is gone: the leases will lapse
-                log.warning("worker %s: could not hand its batch back: %s", w.id, exc.message)
-                continue
-            log.warning(
-                "worker %s: its batch did not finish within %g s; %d task(s) back in the queue",
-                w.id,
-                grace,
-                released,
-            )
-            # Its next progress write, fenced on RUNNING and its id, now matches nothing, so it
-            # stops at its next step; an exit while the engine still runs would abort in torch.
-            t.join(timeout=HAND_BACK_JOIN_S)
 
 
 # `serve --http-processes N`: the settings the HTTP processes build their app from.
@@ -277,6 +243,9 @@ def start_metrics_exporter(settings: Settings, extra: list[metrics.QueueCollecto
 
 
 def run_worker(settings: Settings) -> None:
+    """`cogview-api worker`: one worker and the webhook dispatcher. SIGTERM/SIGINT stop it like
+    `serve`: stop claiming, finish the batch in hand within the grace period or hand it back
+    uncounted, deregister, exit 0."""
     db = Database(settings.database_url)
     db.migrate()
     if settings.metrics and settings.metrics_port is not None:
@@ -285,21 +254,29 @@ def run_worker(settings: Settings) -> None:
     storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     (engine,) = load_engines(settings, 1)
     worker = Worker(settings=settings, db=db, storage=storage, engine=engine)
+    stopping = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            log.info("signal %s: already stopping", signum)
+            return
         log.info("signal %s: finishing the batch in hand, then exiting", signum)
-        worker.shutdown()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     listener = start_listener(settings, db, [worker])
     dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
     dispatcher_thread = dispatcher.start()
+    thread = WorkerThread(worker).start()
     try:
-        worker.run()
+        # A timed wait, so the main thread wakes to run the signal handler.
+        while not stopping.wait(1.0):
+            pass
     finally:
         if listener is not None:
             listener.stop()
+        stop_workers([thread], settings.shutdown_grace_seconds)
         dispatcher.shutdown()
         dispatcher_thread.join(timeout=settings.webhook_timeout_seconds + 5)
         db.dispose()

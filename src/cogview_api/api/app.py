@@ -36,10 +36,13 @@ def create_app(
     backends: Backends | None = None,
     on_submit: Sequence[Callable[[], None]] = (),
     signals: TaskSignals | None = None,
+    live_workers: Callable[[], int] | None = None,
 ) -> FastAPI:
     """The HTTP app, on `backends` (else the settings' database and storage). `on_submit`
     callbacks run after each accepted task, and in-process workers call `signals.notify` when a
-    task settles: both spare a wait for the next poll."""
+    task settles: both spare a wait for the next poll. `live_workers` counts this process's
+    running workers, for /readyz; None where the workers run elsewhere (it then counts the
+    workers with a fresh heartbeat in the database)."""
     app = FastAPI(
         title="cogview-api",
         version=__version__,
@@ -50,6 +53,7 @@ def create_app(
     app.state.settings = settings
     app.state.backends = backends = backends or Backends.open(settings)
     app.state.signals = signals or TaskSignals()
+    app.state.live_workers = live_workers
     app.state.serving = GenerationServing(
         settings=settings,
         backends=backends,

@@ -11,4 +11,12 @@ def ready_workers(db: Database, settings: Settings) -> int:
     """Workers with the model loaded whose last heartbeat is at most three leases (and at
     least 30 s) old. Raises ServiceUnavailable when the database cannot answer."""
     with db.read() as conn:
-        return queue.ready_workers(conn, within_seconds=max(30.0, 3 * settings.lease_seconds))
+        return queue.ready_workers(conn, within_seconds=settings.worker_stale_seconds)
+
+
+def check_writable(db: Database) -> None:
+    """Raises ServiceUnavailable unless the database takes a write now: a write transaction
+    with a statement that changes nothing (refused all the same by a read-only SQLite file or
+    PostgreSQL server; a full disk shows in the workers' failing heartbeats instead)."""
+    with db.write() as conn:
+        queue.touch(conn)

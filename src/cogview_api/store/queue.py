@@ -204,8 +204,26 @@ def register_worker(conn: Connection, *, worker_id: str, model: str, device: str
     )
 
 
-def heartbeat_worker(conn: Connection, *, worker_id: str) -> None:
-    conn.execute(update(workers).where(workers.c.id == worker_id).values(heartbeat_at=utcnow()))
+def heartbeat_worker(conn: Connection, *, worker_id: str) -> bool:
+    """False if the worker has no row (pruned while it could not write): it registers again."""
+    updated = conn.execute(
+        update(workers).where(workers.c.id == worker_id).values(heartbeat_at=utcnow())
+    ).rowcount
+    return bool(updated)
+
+
+def touch(conn: Connection) -> None:
+    """A write that changes no row: to learn whether the database takes writes."""
+    conn.execute(update(workers).where(workers.c.id == "").values(heartbeat_at=utcnow()))
+
+
+def prune_workers(conn: Connection, *, stale_seconds: float) -> int:
+    """Delete the rows of workers whose heartbeat is older than `stale_seconds`: killed without
+    a goodbye (SIGKILL, a lost machine). A live worker beats every poll when idle and every
+    third of a lease while a batch runs, so only a worker that stopped beats that long is
+    gone; its tasks come back by their leases (`reclaim_expired`). Returns how many."""
+    since = utcnow() - timedelta(seconds=stale_seconds)
+    return int(conn.execute(delete(workers).where(workers.c.heartbeat_at < since)).rowcount)
 
 
 def unregister_worker(conn: Connection, *, worker_id: str) -> None:

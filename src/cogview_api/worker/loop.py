@@ -75,12 +75,16 @@ class Worker:
         # Images stored for a task whose settling write failed; see _sweep_unrecorded.
         self._unrecorded: list[ImageRecord] = []
         self._meter: BatchMeter | None = None  # the batch in hand's, for the metrics
+        # Registered and its last housekeeping write went through: what /readyz counts.
+        self.healthy = False
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Claim and run batches until `stop` is set. Never raises for one bad task, nor for a
-        database that cannot be written at the start (it tries again, backing off)."""
+        """Claim and run batches until `stop` is set. Never raises for one bad task (it fails
+        that task), nor for a database that is unavailable or cannot be written (it tries
+        again, backing off at the start); other errors are bugs, raised after deregistering,
+        for `WorkerThread` to restart the loop with a backoff."""
         if not self._register():
             return
         try:
@@ -92,13 +96,15 @@ class Worker:
                     worked = self.run_once()
                 except CogviewError as exc:  # database briefly unavailable, and the like
                     log.warning("worker %s: %s", self.id, exc.message)
+                    self.healthy = False
                     worked = False
-                except Exception:  # a bug: keep the worker alive, leases protect the tasks
-                    log.exception("worker %s: unexpected error in the claim loop", self.id)
-                    worked = False
+                # Anything else is a bug: it ends this run (deregistered below), and the
+                # thread's supervisor (worker/supervisor.py) logs it and starts the loop
+                # again after a backoff; leases protect the tasks.
                 if not worked:
                     self.wake.wait(self.settings.poll_interval)
         finally:
+            self.healthy = False
             try:
                 with self.db.write() as conn:
                     queue.unregister_worker(conn, worker_id=self.id)
@@ -121,6 +127,7 @@ class Worker:
                 log.exception("worker %s: unexpected error at its start", self.id)
             else:
                 log.info("worker %s ready on %s", self.id, self.engine.device)
+                self.healthy = True
                 return True
             log.info("worker %s: trying again in %g s", self.id, delay)
             self.stop.wait(delay)
@@ -143,8 +150,14 @@ class Worker:
     def run_once(self) -> bool:
         """One pass: housekeeping, then at most one batch. True if a batch ran."""
         with self.db.write() as conn:
-            queue.heartbeat_worker(conn, worker_id=self.id)
+            if not queue.heartbeat_worker(conn, worker_id=self.id):
+                log.warning("worker %s: its row was pruned; registering again", self.id)
+                queue.register_worker(
+                    conn, worker_id=self.id, model=self.engine.name, device=self.engine.device
+                )
+            queue.prune_workers(conn, stale_seconds=self.settings.worker_stale_seconds)
             queue.reclaim_expired(conn)
+        self.healthy = True
         self._sweep_unrecorded()
         self._cleanup_expired_images()
         with self.db.write() as conn:
@@ -350,7 +363,8 @@ class Worker:
 
 
 class _LeaseRenewer:
-    """Renews the batch's leases every third of the lease while the engine works."""
+    """Renews the batch's leases, and the worker's heartbeat (so that a long batch is not taken
+    for a dead worker and pruned), every third of the lease while the engine works."""
 
     def __init__(self, worker: Worker, task_ids: list[str]) -> None:
         self.worker = worker
@@ -376,5 +390,6 @@ class _LeaseRenewer:
                         task_ids=self.task_ids,
                         lease_seconds=self.worker.settings.lease_seconds,
                     )
+                    queue.heartbeat_worker(conn, worker_id=self.worker.id)
             except CogviewError as exc:
                 log.warning("lease renewal failed: %s", exc.message)

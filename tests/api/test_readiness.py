@@ -1,0 +1,55 @@
+"""/readyz says whether this process can take and run work (issue: hardening, findings 5 and 6:
+it counted the rows of dead workers, and said ready on a database that refused writes)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from cogview_api.storage import open_storage
+from cogview_api.store import queue
+from cogview_api.worker.loop import Worker
+from cogview_api.worker.supervisor import WorkerThread
+from tests.api.test_bad_input import assert_error
+from tests.support import FlakyEngine, InProcessApi, unwritable
+
+
+def assert_not_ready(r: httpx.Response, reason: str) -> None:
+    assert_error(r, 503, "service_unavailable")
+    assert r.headers["retry-after"] == "5"
+    assert r.json()["error"]["message"] == reason
+
+
+def test_readyz_is_503_while_the_database_refuses_writes(api: InProcessApi) -> None:
+    with api.db.write() as conn:
+        queue.register_worker(conn, worker_id="w1", model="tiny", device="cpu")
+    assert api.client.get("/readyz").json() == {"status": "ready", "workers": 1}
+    with unwritable(api.db, sqlite_fault="read-only"):
+        assert_not_ready(api.client.get("/readyz"), "The database cannot take writes.")
+    assert api.client.get("/readyz").status_code == 200  # recovered, same process
+
+
+def test_readyz_counts_this_process_live_workers(api: InProcessApi) -> None:
+    with api.db.write() as conn:  # a worker elsewhere does not make this process ready
+        queue.register_worker(conn, worker_id="elsewhere", model="tiny", device="cpu")
+    worker = Worker(
+        settings=api.settings,
+        db=api.db,
+        storage=open_storage(api.settings.storage_url),
+        engine=FlakyEngine(),
+    )
+    thread = WorkerThread(worker)
+    api.app.state.live_workers = lambda: int(thread.live)  # as `serve` wires its workers
+    assert_not_ready(api.client.get("/readyz"), "No worker of this process is running.")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (r := api.client.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.json() == {"status": "ready", "workers": 1}
+    finally:
+        worker.shutdown()
+        thread.join(timeout=10)
+    assert_not_ready(api.client.get("/readyz"), "No worker of this process is running.")
