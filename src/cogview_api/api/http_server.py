@@ -167,6 +167,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._owed = "body"
         self._set_deadline(self.limits.body_timeout)
 
+    def handle_websocket_upgrade(self) -> None:
+        self._cancel_deadline()  # the connection is the WebSocket protocol's from here
+        self._owed = None
+        super().handle_websocket_upgrade()
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._owed = None
