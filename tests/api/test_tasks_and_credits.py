@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from sqlalchemy import func, select
 
 from cogview_api.config import Settings
 from cogview_api.store import keys as key_store
-from tests.support import EXAMPLE_BODY, InProcessApi, auth, in_process_api
+from cogview_api.store import tasks as task_store
+from cogview_api.store.tables import tasks
+from tests.support import EXAMPLE_BODY, InProcessApi, auth, in_process_api, submit_task
 
 
 def submit(api: InProcessApi, key: str, **changes: object) -> httpx.Response:
@@ -188,3 +193,32 @@ def test_openapi_document_describes_the_submit_body(api: InProcessApi) -> None:
     assert {"model", "prompt"} <= set(schema["required"])
     assert "size" in schema["properties"] and "examples" in schema
     assert "$ref" not in str(schema)  # self-contained: no reference left dangling
+
+
+def test_a_timed_out_wait_answers_the_position_of_now(api: InProcessApi) -> None:
+    """`Prefer: wait` that times out answers the task as it is then, not as it was accepted: the
+    task ahead is cancelled during the wait, so the position is 1, not the 2 of the submit."""
+    key = api.make_key(credits=100)
+    ahead = submit_task(api.client, key)
+
+    def cancel_ahead_once_behind_waits() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with api.db.read() as conn:
+                if conn.execute(select(func.count()).select_from(tasks)).scalar_one() == 2:
+                    break
+            time.sleep(0.01)
+        with api.db.write() as conn:
+            assert task_store.cancel_task(conn, task_id=ahead, message="test")
+
+    helper = threading.Thread(target=cancel_ahead_once_behind_waits)
+    helper.start()
+    r = api.client.post(
+        "/api/v1/images/generations",
+        headers={**auth(key), "Prefer": "wait=3"},
+        json=EXAMPLE_BODY,
+    )
+    helper.join()
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert data["status"] == "IN_PROGRESS" and data["queue_position"] == 1

@@ -142,19 +142,22 @@ class GenerationServing:
     async def read_task(self, secret: str, task_id: str) -> Task:
         """The task as its key may see it now (the key checked again: a revoked key stops)."""
         return await run_in_threadpool(
-            generation.get_task_for, self.db, secret=secret, task_id=task_id
+            lambda: generation.get_task_for(
+                self.db, secret=secret, task_id=task_id, batch_size=self.settings.max_batch_size
+            )
         )
 
-    async def wait(self, secret: str, task_id: str, seconds: float) -> Task | None:
-        """The task once it is terminal, or None after `seconds`. Read first once subscribed,
-        so a task that settles in between is not missed."""
+    async def wait(self, secret: str, task_id: str, seconds: float) -> Task:
+        """The task once it is terminal, or as last read after `seconds` (its status and queue
+        position fresh). Read first once subscribed, so a task that settles in between is not
+        missed."""
         deadline = time.monotonic() + seconds
         with self.signals.subscribe(task_id) as settled:
             while True:
                 task = await self.read_task(secret, task_id)
                 left = deadline - time.monotonic()
                 if task.state.terminal or left <= 0:
-                    return task if task.state.terminal else None
+                    return task
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(settled.wait(), timeout=min(WAIT_RECHECK_S, left))
                 # A signal for a task that is not terminal yet (a worker lost its lease and let
@@ -175,7 +178,7 @@ class GenerationServing:
         task = accepted.task
         wait_s = self.settings.sync_wait_seconds
         finished = await self.wait(secret, task.id, wait_s)
-        if finished is None:
+        if not finished.state.terminal:
             raise WaitTimedOut(
                 f"Task {task.id} did not finish within {wait_s:g} s. It is "
                 f"still running: GET /api/v1/tasks/{task.id} with the same key gives its images."

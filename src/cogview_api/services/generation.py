@@ -90,7 +90,7 @@ def submit_idempotent(
     _refuse_unstorable(request)
     if idempotency is not None:
         with db.read() as conn:
-            prior = _prior(conn, key, idempotency)
+            prior = _prior(conn, key, idempotency, settings.max_batch_size)
             if prior is not None:
                 return prior
     return _submit_new(db, settings, key=key, request=request, base_url=base_url, idem=idempotency)
@@ -142,7 +142,7 @@ def submit_for(
         request, idem = submit.generation, submit.idempotency
         _refuse_unstorable(request)
         if idem is not None:
-            prior = _prior(conn, key, idem)
+            prior = _prior(conn, key, idem, settings.max_batch_size)
             if prior is not None:
                 return prior
     return _submit_new(db, settings, key=key, request=request, base_url=base_url, idem=idem)
@@ -154,12 +154,16 @@ def _refuse_unstorable(request: GenerationRequest) -> None:
     )
 
 
-def _prior(conn: Connection, key: ApiKey, idem: IdempotencyKey) -> Submission | None:
+def _prior(
+    conn: Connection, key: ApiKey, idem: IdempotencyKey, batch_size: int
+) -> Submission | None:
     """The task an earlier request with this Idempotency-Key made, if any. Looked up before
     the callback's DNS check: a retry gets its task even while the host does not resolve (DNS
     down, host moved); the check is for a task about to be created."""
     prior = idempotency_store.find(conn, key_id=key.id, idem_key=idem.value)
-    return None if prior is None else Submission(_replay(conn, idem, prior), replayed=True)
+    if prior is None:
+        return None
+    return Submission(_replay(conn, idem, prior, batch_size), replayed=True)
 
 
 def _submit_new(
@@ -176,7 +180,7 @@ def _submit_new(
         try:
             with db.write() as conn:
                 if idem is not None:
-                    prior = _prior(conn, key, idem)
+                    prior = _prior(conn, key, idem, settings.max_batch_size)
                     if prior is not None:
                         return prior
                     idempotency_store.claim(
@@ -221,13 +225,17 @@ def _insert(
         max_queue=settings.max_queue,
         max_waiting_per_key=limits.max_waiting,
         base_url=base_url,
+        batch_size=settings.max_batch_size,
     )
     states.append(task_store.waiting_state(limits.max_waiting, waiting))
     return task, tuple(states)
 
 
 def _replay(
-    conn: Connection, idempotency: IdempotencyKey, prior: idempotency_store.IdempotencyRecord
+    conn: Connection,
+    idempotency: IdempotencyKey,
+    prior: idempotency_store.IdempotencyRecord,
+    batch_size: int,
 ) -> Task:
     if prior.request_hash != idempotency.request_hash:
         raise Conflict(
@@ -237,7 +245,7 @@ def _replay(
         )
     if prior.task_id is None:  # only ever seen inside the claiming transaction
         raise CogviewError("An Idempotency-Key record has no task.")
-    return task_store.get_task(conn, prior.task_id)
+    return task_store.get_task(conn, prior.task_id, batch_size=batch_size)
 
 
 def refuse_unsafe_callback(url: str | None, settings: Settings) -> None:
@@ -251,13 +259,16 @@ def refuse_unsafe_callback(url: str | None, settings: Settings) -> None:
         raise InvalidRequest(str(exc), param="callback_url") from exc
 
 
-def get_task_for(db: Database, *, secret: str | None, task_id: str) -> Task:
+def get_task_for(db: Database, *, secret: str | None, task_id: str, batch_size: int = 1) -> Task:
     """A bearer secret's task: the key checked and the task read in one transaction, by one
-    statement (a finished task's images, a waiting one's position, by a second)."""
+    statement (a finished task's images, a waiting one's position, by a few more; the position
+    for workers that claim `batch_size` tasks at a time)."""
     if not secret:
         raise AuthenticationFailed()
     with db.read() as conn:
-        key, task = task_store.find_key_and_own_task(conn, secret=secret, task_id=task_id)
+        key, task = task_store.find_key_and_own_task(
+            conn, secret=secret, task_id=task_id, batch_size=batch_size
+        )
         usable_key(key)
         if task is None:
             raise NotFound(f"No task with id {task_id!r}.")
@@ -306,24 +317,46 @@ STATUS_FILTERS: dict[str, tuple[TaskState, ...]] = {
 
 
 def list_tasks(
-    db: Database, *, key: ApiKey, status: str | None, limit: int, cursor: str | None
+    db: Database,
+    *,
+    key: ApiKey,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    batch_size: int = 1,
 ) -> tuple[list[Task], str | None]:
     """One page of the key's tasks, newest first, and the cursor of the next page (or None)."""
     with db.read() as conn:
-        return _list(conn, key=key, status=status, limit=limit, cursor=cursor)
+        return _list(
+            conn, key=key, status=status, limit=limit, cursor=cursor, batch_size=batch_size
+        )
 
 
 def list_tasks_for(
-    db: Database, *, secret: str | None, status: str | None, limit: int, cursor: str | None
+    db: Database,
+    *,
+    secret: str | None,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    batch_size: int = 1,
 ) -> tuple[list[Task], str | None]:
     """`list_tasks` from a bearer secret, the key checked in the same read transaction."""
     with db.read() as conn:
         key = authenticate_in(conn, secret)
-        return _list(conn, key=key, status=status, limit=limit, cursor=cursor)
+        return _list(
+            conn, key=key, status=status, limit=limit, cursor=cursor, batch_size=batch_size
+        )
 
 
 def _list(
-    conn: Connection, *, key: ApiKey, status: str | None, limit: int, cursor: str | None
+    conn: Connection,
+    *,
+    key: ApiKey,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    batch_size: int,
 ) -> tuple[list[Task], str | None]:
     states = None
     if status is not None:
@@ -336,7 +369,12 @@ def _list(
         raise InvalidRequest("limit must be between 1 and 100", param="limit")
     before = decode_cursor(cursor) if cursor else None
     page = task_store.list_tasks(
-        conn, key_id=key.id, limit=limit + 1, before_seq=before, states=states
+        conn,
+        key_id=key.id,
+        limit=limit + 1,
+        before_seq=before,
+        states=states,
+        batch_size=batch_size,
     )
     if len(page) > limit:
         return page[:limit], encode_cursor(page[limit - 1].seq)

@@ -138,7 +138,7 @@ tasks = Table(
     Column("expires_at", UTCDateTime, nullable=True),
     Index("ix_tasks_key_seq", "key_id", "seq"),
     Index("ix_tasks_state_seq", "state", "seq"),
-    Index("ix_tasks_key_state", "key_id", "state"),
+    Index("ix_tasks_key_state_seq", "key_id", "state", "seq"),
 )
 
 images = Table(

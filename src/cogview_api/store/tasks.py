@@ -14,6 +14,7 @@ from cogview_api.domain import (
     CANCELLED_CODE,
     CANCELLED_TYPE,
     ApiKey,
+    BatchKey,
     GenerationRequest,
     ImageRecord,
     Stage,
@@ -23,6 +24,7 @@ from cogview_api.domain import (
     new_task_id,
 )
 from cogview_api.errors import LimitState, NotFound, RateLimited, ServiceUnavailable
+from cogview_api.store import positions
 from cogview_api.store.keys import add_credits, hash_key, key_from
 from cogview_api.store.notify import announce
 from cogview_api.store.tables import api_keys, images, queue_depth, tasks
@@ -47,11 +49,7 @@ _TASK_IMAGES = select(images).where(images.c.task_id == bindparam("task_id")).or
 _INSERT_TASK = insert(tasks)
 _WAITING = select(func.coalesce(func.sum(queue_depth.c.waiting), 0))
 _queued = tasks.c.state == TaskState.QUEUED
-_QUEUED_BOUNDS = select(
-    select(func.min(tasks.c.seq)).where(_queued).scalar_subquery(),
-    select(func.max(tasks.c.seq)).where(_queued).scalar_subquery(),
-)
-# A key's waiting tasks, counted up to the limit (index ix_tasks_key_state: at most that many
+# A key's waiting tasks, counted up to the limit (index ix_tasks_key_state_seq: at most that many
 # rows, however many the key has), and how many keys have any.
 _KEY_WAITING = select(func.count()).select_from(
     select(tasks.c.id)
@@ -60,8 +58,6 @@ _KEY_WAITING = select(func.count()).select_from(
     .subquery()
 )
 _KEYS_WAITING = select(func.count(func.distinct(tasks.c.key_id))).where(_queued)
-_AHEAD = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq < bindparam("seq"))
-_BEHIND = select(func.count()).select_from(tasks).where(_queued, tasks.c.seq > bindparam("seq"))
 
 
 def _share(conn: Connection, max_queue: int, own: int) -> int:
@@ -107,6 +103,7 @@ def insert_task(
     max_queue: int,
     max_waiting_per_key: int | None = None,
     base_url: str | None = None,
+    batch_size: int = 1,
 ) -> Task:
     """Reserve `price` credits and enqueue the task, in the caller's one transaction. Returns
     the task as written (not read back), with its queue position.
@@ -127,6 +124,7 @@ def insert_task(
         max_queue=max_queue,
         max_waiting_per_key=max_waiting_per_key,
         base_url=base_url,
+        batch_size=batch_size,
     )[0]
 
 
@@ -142,6 +140,7 @@ def insert_task_counted(
     max_queue: int,
     max_waiting_per_key: int | None = None,
     base_url: str | None = None,
+    batch_size: int = 1,
 ) -> tuple[Task, int]:
     """`insert_task`, and how many of the key's tasks wait with this one (counted up to
     `max_waiting_per_key`; 0 without it)."""
@@ -203,24 +202,26 @@ def insert_task_counted(
         completed_at=None,
         expires_at=None,
     )
-    # Every task that waited when this transaction read the counter is ahead of this one.
-    task = replace(_task(values, ()), queue_position=waiting + 1)
+    (task,) = _positioned(conn, [_task(values, ())], batch_size)
     return task, (own + 1 if max_waiting_per_key is not None else 0)
 
 
-def get_task(conn: Connection, task_id: str, *, key_id: str | None = None) -> Task:
-    """The task, with images and queue position. With `key_id`, another key's task is NotFound."""
+def get_task(
+    conn: Connection, task_id: str, *, key_id: str | None = None, batch_size: int = 1
+) -> Task:
+    """The task, with images and queue position (for workers claiming `batch_size` tasks at a
+    time). With `key_id`, another key's task is NotFound."""
     if key_id is None:
         row = conn.execute(_TASK, {"task_id": task_id}).first()
     else:
         row = conn.execute(_OWN_TASK, {"task_id": task_id, "key_id": key_id}).first()
     if row is None:
         raise NotFound(f"No task with id {task_id!r}.")
-    return _task_in_full(conn, row._mapping)
+    return _task_in_full(conn, row._mapping, batch_size)
 
 
 def find_key_and_own_task(
-    conn: Connection, *, secret: str, task_id: str
+    conn: Connection, *, secret: str, task_id: str, batch_size: int = 1
 ) -> tuple[ApiKey | None, Task | None]:
     """The key of a bearer secret (None: no such key) and its task of that id (None: no such
     task, or another key's), read together by one statement."""
@@ -231,10 +232,10 @@ def find_key_and_own_task(
         return None, None
     m = row._mapping
     key = key_from({c.name: m["key_" + c.name] for c in api_keys.c})
-    return key, (None if m["id"] is None else _task_in_full(conn, m))
+    return key, (None if m["id"] is None else _task_in_full(conn, m, batch_size))
 
 
-def _task_in_full(conn: Connection, m: Any) -> Task:
+def _task_in_full(conn: Connection, m: Any, batch_size: int) -> Task:
     """The task of a row of `tasks`, with its images, webhook and queue position."""
     state = TaskState(m["state"])
     # Images are written in the transaction that completes the task, and only then.
@@ -242,19 +243,16 @@ def _task_in_full(conn: Connection, m: Any) -> Task:
     if task.callback_url is not None:
         task = replace(task, webhook=deliveries_of(conn, [task.id]).get(task.id))
     if state is TaskState.QUEUED:
-        task = replace(task, queue_position=queue_position(conn, task.seq))
+        (task,) = _positioned(conn, [task], batch_size)
     return task
 
 
-def queue_position(conn: Connection, seq: int) -> int:
-    """1 + the waiting tasks older than the one at `seq`, counted from whichever end of the
-    queue it is nearer (by seq), so a task at either end costs little however long the queue:
-    the ahead count directly, or the waiting total (counter rows) less the tasks behind it."""
-    lo, hi = conn.execute(_QUEUED_BOUNDS).one()
-    if lo is None or hi is None or seq - lo <= hi - seq:
-        return int(conn.execute(_AHEAD, {"seq": seq}).scalar_one()) + 1
-    behind = int(conn.execute(_BEHIND, {"seq": seq}).scalar_one())
-    return max(1, waiting_tasks(conn) - behind)
+def _positioned(conn: Connection, found: Sequence[Task], batch_size: int) -> list[Task]:
+    """The tasks, each waiting one with its queue position (store/positions.py)."""
+    queued = [positions.Waiting(t.id, t.key_id, t.seq, BatchKey.of(t)) for t in found]
+    queued = [w for w, t in zip(queued, found, strict=True) if t.state is TaskState.QUEUED]
+    at = positions.queue_positions(conn, queued, batch_size=batch_size)
+    return [replace(t, queue_position=at[t.id]) if t.id in at else t for t in found]
 
 
 def list_tasks(
@@ -264,8 +262,10 @@ def list_tasks(
     limit: int,
     before_seq: int | None = None,
     states: Sequence[TaskState] | None = None,
+    batch_size: int = 1,
 ) -> list[Task]:
-    """The key's tasks, newest first, strictly older than `before_seq` when given."""
+    """The key's tasks, newest first, strictly older than `before_seq` when given; waiting ones
+    with their queue position, as `get_task` gives it."""
     query = select(tasks).where(tasks.c.key_id == key_id)
     if before_seq is not None:
         query = query.where(tasks.c.seq < before_seq)
@@ -274,7 +274,8 @@ def list_tasks(
     rows = conn.execute(query.order_by(tasks.c.seq.desc()).limit(limit)).all()
     imgs = _images(conn, [r.id for r in rows])
     hooks = deliveries_of(conn, [r.id for r in rows if r.callback_url is not None])
-    return [replace(_task(r._mapping, imgs.get(r.id, ())), webhook=hooks.get(r.id)) for r in rows]
+    found = [replace(_task(r._mapping, imgs.get(r.id, ())), webhook=hooks.get(r.id)) for r in rows]
+    return _positioned(conn, found, batch_size)
 
 
 def complete_task(

@@ -97,10 +97,12 @@ async def create_generation(
     if accepted.replayed:
         response.headers[REPLAYED_HEADER] = "true"
     if wait:
-        finished = await serving.wait(secret, accepted.task.id, wait)
-        if finished is not None:
+        task = await serving.wait(secret, accepted.task.id, wait)
+        if task.state.terminal:
             response.headers["Preference-Applied"] = f"wait={wait}"
-            return SubmitAnswer(data=task_public(finished, base))
+            return SubmitAnswer(data=task_public(task, base))
+        # Timed out: the acceptance, with the status and queue position of now.
+        return SubmitAnswer(data=task_created(task))
     return SubmitAnswer(data=task_created(accepted.task))
 
 
@@ -208,7 +210,12 @@ async def list_tasks(
 ) -> Envelope[TaskList]:
     page, next_cursor = await run_in_threadpool(
         lambda: generation.list_tasks_for(
-            serving.db, secret=secret, status=status, limit=limit, cursor=cursor
+            serving.db,
+            secret=secret,
+            status=status,
+            limit=limit,
+            cursor=cursor,
+            batch_size=serving.settings.max_batch_size,
         )
     )
     base = serving.links(request)

@@ -1,0 +1,127 @@
+"""Queue positions are the claim's own order (store/positions.py), on SQLite and PostgreSQL: each
+waiting task's position is checked against the order a worker then actually claims the tasks in,
+fairness between keys and batch keys included."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from cogview_api.config import Settings
+from cogview_api.domain import GenerationRequest, Size
+from cogview_api.services import generation
+from cogview_api.services import keys as key_service
+from cogview_api.store import positions, queue
+from cogview_api.store import tasks as task_store
+from cogview_api.store.db import Database
+
+SQUARE, TALL = Size(1024, 1024), Size(768, 1344)
+
+
+def request(size: Size) -> GenerationRequest:
+    return GenerationRequest(model="cogview-4", prompt="a cat", size=size, quality="hd", n=1)
+
+
+def backlog(db: Database, settings: Settings) -> tuple[list[str], list[str]]:
+    """Three keys with unequal backlogs and two shapes; returns (task ids, key ids)."""
+    keys = [key_service.create_key(db, name=n, credits=1000)[0] for n in ("heavy", "mid", "light")]
+    heavy, mid, light = keys
+    plan = [(heavy, SQUARE)] * 6 + [(heavy, TALL), (mid, SQUARE), (heavy, SQUARE)]
+    plan += [(mid, TALL), (mid, SQUARE), (heavy, SQUARE), (mid, SQUARE), (light, TALL)]
+    ids = [generation.submit(db, settings, key=k, request=request(s)).id for k, s in plan]
+    return ids, [k.id for k in keys]
+
+
+def positions_now(db: Database, key_ids: list[str], batch_size: int) -> dict[str, int | None]:
+    """Every live task's position, read one by one and checked against the lists."""
+    with db.read() as conn:
+        listed = {
+            t.id: t.queue_position
+            for key_id in key_ids
+            for t in task_store.list_tasks(conn, key_id=key_id, limit=100, batch_size=batch_size)
+            if not t.state.terminal
+        }
+        single = {
+            i: task_store.get_task(conn, i, batch_size=batch_size).queue_position for i in listed
+        }
+    assert single == listed
+    return single
+
+
+def claim_all(
+    db: Database, batch_size: int, key_ids: list[str]
+) -> tuple[list[list[str]], list[dict[str, int | None]]]:
+    """Claims as one worker makes them (`recent`: its previous batch), each batch settled before
+    the next claim. Returns the batches and the positions read before the first claim and
+    while each batch runs (what a poll can see: a worker's next claim counts its batch in hand
+    as the store counts running tasks)."""
+    batches: list[list[str]] = []
+    snapshots = [positions_now(db, key_ids, batch_size)]
+    recent: dict[str, int] = {}
+    while True:
+        with db.write() as conn:
+            ids = queue.claim_batch(
+                conn, worker_id="w", limit=batch_size, lease_seconds=60, recent=recent
+            )
+        if not ids:
+            return batches, snapshots
+        batches.append(ids)
+        snapshots.append(positions_now(db, key_ids, batch_size))
+        assert all(snapshots[-1][i] is None for i in ids)  # running: no position
+        with db.write() as conn:
+            recent = dict(Counter(task_store.get_task(conn, i).key_id for i in ids))
+            for i in ids:
+                assert task_store.fail_task(
+                    conn, task_id=i, worker_id="w", error_code=500, error_type="x", message="done"
+                )
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_positions_are_the_order_a_worker_claims_in(
+    db: Database, settings: Settings, batch_size: int
+) -> None:
+    settings = settings.model_copy(update={"max_batch_size": batch_size})
+    ids, key_ids = backlog(db, settings)
+    batches, snapshots = claim_all(db, batch_size, key_ids)
+    order = [i for batch in batches for i in batch]
+    assert sorted(order) == sorted(ids)
+    assert order != ids  # fairness reorders this backlog: a FIFO count would not do
+    done = 0
+    for snapshot, batch in zip(snapshots, [[], *batches], strict=False):
+        done += len(batch)
+        ahead = order[done:]
+        waiting = {i: p for i, p in snapshot.items() if p is not None}
+        assert waiting == {i: ahead.index(i) + 1 for i in ahead}
+
+
+def test_light_keys_task_behind_a_long_backlog_is_near_the_front(
+    db: Database, settings: Settings
+) -> None:
+    heavy, _ = key_service.create_key(db, name="heavy", credits=10_000)
+    light, _ = key_service.create_key(db, name="light", credits=100)
+    for _ in range(40):
+        generation.submit(db, settings, key=heavy, request=request(SQUARE))
+    late = generation.submit(db, settings, key=light, request=request(SQUARE))
+    assert late.queue_position == 2  # heavy's oldest leads (nothing running), then light's
+    with db.read() as conn:
+        assert task_store.get_task(conn, late.id).queue_position == 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_past_the_horizon_a_position_is_never_too_low(
+    db: Database, settings: Settings, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 2 tasks read per key the replay stops early: the positions it cannot place are an
+    upper bound, never below the true one nor past the waiting count."""
+    settings = settings.model_copy(update={"max_batch_size": batch_size})
+    ids, key_ids = backlog(db, settings)
+    monkeypatch.setattr(positions, "HORIZON", 2)
+    estimated = positions_now(db, key_ids, batch_size)
+    monkeypatch.undo()
+    exact = positions_now(db, key_ids, batch_size)
+    assert all(
+        e is not None and x is not None and x <= e <= len(ids)
+        for e, x in zip(estimated.values(), exact.values(), strict=True)
+    )
+    assert estimated != exact  # the bound was used
