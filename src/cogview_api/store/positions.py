@@ -110,7 +110,9 @@ def queue_positions(
         rows = conn.execute(_KEY_HEAD, {"key_id": key_id, "limit": HORIZON + 1}).all()
         read = [_read(r, key_id) for r in rows[:HORIZON]]
         queues[key_id] = _KeyQueue(read, more=len(rows) > HORIZON)
-    found = replay(queues, load, {t.id for t in targets}, batch_size)
+    seen = {w.id for q in queues.values() for w in q.tasks}
+    # A target not read lies past its key's horizon: the replay would stop before it.
+    found = replay(queues, load, {t.id for t in targets} & seen, batch_size)
     out: dict[str, int] = {}
     for t in targets:
         out[t.id] = found[t.id] if t.id in found else upper_bound(conn, t)
