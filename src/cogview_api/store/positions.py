@@ -7,7 +7,8 @@ the key's running tasks before the first claim, then its share of the previous b
 batch takes that batch key's tasks by (their key's load, seq). Tasks submitted later, other
 workers and cancels can change it; each read replays it afresh.
 
-Cost is bounded however long the queue: the replay reads at most `HORIZON` waiting tasks of each
+Cost is bounded however long the queue: a task with `HORIZON` or more of its own key's tasks
+ahead is not replayed at all; otherwise the replay reads at most `HORIZON` waiting tasks of each
 key that has any (index ix_tasks_key_state_seq) and stops where a task it did not read could
 take part. A task the replay does not reach gets an upper bound instead, never too low: every
 waiting task but the ones that can never go before it (its own key's later tasks of its batch
@@ -27,8 +28,8 @@ from sqlalchemy import Connection, bindparam, exists, func, select
 from cogview_api.domain import BatchKey, TaskState
 from cogview_api.store.tables import api_keys, queue_depth, tasks
 
-HORIZON = 200  # waiting tasks read per key
-COUNT_CAP = 10_000  # later tasks counted for the bound
+HORIZON = 32  # waiting tasks read per key
+COUNT_CAP = 1_000  # later tasks counted for the bound
 
 _queued = tasks.c.state == TaskState.QUEUED
 _SHAPE = (tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
@@ -46,6 +47,13 @@ _KEY_HEAD = (
     .where(tasks.c.key_id == bindparam("key_id"), _queued)
     .order_by(tasks.c.seq)
     .limit(bindparam("limit"))
+)
+# How many of its key's waiting tasks are older than a task, counted up to HORIZON (index only).
+_KEY_AHEAD = select(func.count()).select_from(
+    select(tasks.c.id)
+    .where(tasks.c.key_id == bindparam("key_id"), _queued, tasks.c.seq < bindparam("seq"))
+    .limit(bindparam("limit"))
+    .subquery()
 )
 _WAITING = select(func.coalesce(func.sum(queue_depth.c.waiting), 0))
 _LATER_SAME = select(func.count()).select_from(
@@ -102,19 +110,26 @@ def queue_positions(
     conn: Connection, targets: Sequence[Waiting], *, batch_size: int
 ) -> dict[str, int]:
     """The position (1 = in the next claim, first) of each waiting task of `targets`."""
-    if not targets:
-        return {}
+    out: dict[str, int] = {}
+    near = []
+    for t in targets:
+        ahead = conn.execute(
+            _KEY_AHEAD, {"key_id": t.key_id, "seq": t.seq, "limit": HORIZON}
+        ).scalar_one()
+        if int(ahead) >= HORIZON:  # past its key's horizon: the replay would stop before it
+            out[t.id] = upper_bound(conn, t)
+        else:
+            near.append(t)
+    if not near:
+        return out
     load: dict[str, int] = {k: int(n) for k, n in conn.execute(_RUNNING).all()}
     queues: dict[str, _KeyQueue] = {}
     for key_id in conn.execute(_KEYS_WAITING).scalars():
         rows = conn.execute(_KEY_HEAD, {"key_id": key_id, "limit": HORIZON + 1}).all()
         read = [_read(r, key_id) for r in rows[:HORIZON]]
         queues[key_id] = _KeyQueue(read, more=len(rows) > HORIZON)
-    seen = {w.id for q in queues.values() for w in q.tasks}
-    # A target not read lies past its key's horizon: the replay would stop before it.
-    found = replay(queues, load, {t.id for t in targets} & seen, batch_size)
-    out: dict[str, int] = {}
-    for t in targets:
+    found = replay(queues, load, {t.id for t in near}, batch_size)
+    for t in near:
         out[t.id] = found[t.id] if t.id in found else upper_bound(conn, t)
     return out
 
