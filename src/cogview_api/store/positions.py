@@ -70,6 +70,9 @@ _LATER_SAME = select(func.count()).select_from(
     .limit(COUNT_CAP)
     .subquery()
 )
+_MEASURES = select(
+    _KEY_AHEAD.scalar_subquery(), _WAITING.scalar_subquery(), _LATER_SAME.scalar_subquery()
+)
 
 
 @dataclass(frozen=True)
@@ -111,13 +114,12 @@ def queue_positions(
 ) -> dict[str, int]:
     """The position (1 = in the next claim, first) of each waiting task of `targets`."""
     out: dict[str, int] = {}
+    bounds: dict[str, int] = {}
     near = []
     for t in targets:
-        ahead = conn.execute(
-            _KEY_AHEAD, {"key_id": t.key_id, "seq": t.seq, "limit": HORIZON}
-        ).scalar_one()
-        if int(ahead) >= HORIZON:  # past its key's horizon: the replay would stop before it
-            out[t.id] = upper_bound(conn, t)
+        ahead, bounds[t.id] = _measures(conn, t)
+        if ahead >= HORIZON:  # past its key's horizon: the replay would stop before it
+            out[t.id] = bounds[t.id]
         else:
             near.append(t)
     if not near:
@@ -130,7 +132,7 @@ def queue_positions(
         queues[key_id] = _KeyQueue(read, more=len(rows) > HORIZON)
     found = replay(queues, load, {t.id for t in near}, batch_size)
     for t in near:
-        out[t.id] = found[t.id] if t.id in found else upper_bound(conn, t)
+        out[t.id] = found.get(t.id, bounds[t.id])
     return out
 
 
@@ -207,22 +209,21 @@ def _fill(
     return batch
 
 
-def upper_bound(conn: Connection, t: Waiting) -> int:
-    """1 + every other waiting task, less the ones that never go before `t`: its key's later
-    tasks of its batch key (a batch takes one key's tasks of a batch key in seq order, and the
-    key's head, older than them, leads first)."""
-    waiting = int(conn.execute(_WAITING).scalar_one())
-    later = int(
-        conn.execute(
-            _LATER_SAME,
-            {
-                "key_id": t.key_id,
-                "seq": t.seq,
-                "width": t.shape.width,
-                "height": t.shape.height,
-                "steps": t.shape.steps,
-                "guidance_scale": t.shape.guidance_scale,
-            },
-        ).scalar_one()
-    )
-    return max(1, waiting - later)
+def _measures(conn: Connection, t: Waiting) -> tuple[int, int]:
+    """(its key's tasks ahead of `t`, up to HORIZON; the upper bound of its position), in one
+    statement. The bound: 1 + every other waiting task, less the ones that never go before `t`:
+    its key's later tasks of its batch key (a batch takes one key's tasks of a batch key in seq
+    order, and the key's head, older than them, leads first)."""
+    ahead, waiting, later = conn.execute(
+        _MEASURES,
+        {
+            "key_id": t.key_id,
+            "seq": t.seq,
+            "limit": HORIZON,
+            "width": t.shape.width,
+            "height": t.shape.height,
+            "steps": t.shape.steps,
+            "guidance_scale": t.shape.guidance_scale,
+        },
+    ).one()
+    return int(ahead), max(1, int(waiting) - int(later))

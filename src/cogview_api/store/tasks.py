@@ -202,8 +202,14 @@ def insert_task_counted(
         completed_at=None,
         expires_at=None,
     )
-    (task,) = _positioned(conn, [_task(values, ())], batch_size)
-    return task, (own + 1 if max_waiting_per_key is not None else 0)
+    counted = own + 1 if max_waiting_per_key is not None else 0
+    task = _task(values, ())
+    if own >= positions.HORIZON:
+        # Past its key's horizon (store/positions.py): the bound, every waiting task, this one
+        # the last of its key, from the counter read above.
+        return replace(task, queue_position=waiting + 1), counted
+    (task,) = _positioned(conn, [task], batch_size)
+    return task, counted
 
 
 def get_task(
