@@ -29,7 +29,7 @@ from cogview_api.domain import BatchKey, TaskState
 from cogview_api.store.tables import api_keys, queue_depth, tasks
 
 HORIZON = 32  # waiting tasks read per key
-COUNT_CAP = 1_000  # later tasks counted for the bound
+COUNT_CAP = 256  # later tasks counted for the bound (rows read: the shape is not in the index)
 
 _queued = tasks.c.state == TaskState.QUEUED
 _SHAPE = (tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
