@@ -108,15 +108,17 @@ def test_light_keys_task_behind_a_long_backlog_is_near_the_front(
         assert task_store.get_task(conn, late.id).queue_position == 2
 
 
+@pytest.mark.parametrize("limit", ["HORIZON", "MAX_KEYS"])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_past_the_horizon_a_position_is_never_too_low(
-    db: Database, settings: Settings, batch_size: int, monkeypatch: pytest.MonkeyPatch
+def test_past_the_replays_limits_a_position_is_never_too_low(
+    db: Database, settings: Settings, batch_size: int, limit: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With 2 tasks read per key the replay stops early: the positions it cannot place are an
-    upper bound, never below the true one nor past the waiting count."""
+    """With 2 tasks read per key, or at most 2 keys replayed (3 wait here), the replay stops
+    early or does not run: the positions it cannot place are an upper bound, never below the
+    true one nor past the waiting count."""
     settings = settings.model_copy(update={"max_batch_size": batch_size})
     ids, key_ids = backlog(db, settings)
-    monkeypatch.setattr(positions, "HORIZON", 2)
+    monkeypatch.setattr(positions, limit, 2)
     estimated = positions_now(db, key_ids, batch_size)
     monkeypatch.undo()
     exact = positions_now(db, key_ids, batch_size)

@@ -8,11 +8,12 @@ batch takes that batch key's tasks by (their key's load, seq). Tasks submitted l
 workers and cancels can change it; each read replays it afresh.
 
 Cost is bounded however long the queue: a task with `HORIZON` or more of its own key's tasks
-ahead is not replayed at all; otherwise the replay reads at most `HORIZON` waiting tasks of each
-key that has any (index ix_tasks_key_state_seq) and stops where a task it did not read could
-take part. A task the replay does not reach gets an upper bound instead, never too low: every
-waiting task but the ones that can never go before it (its own key's later tasks of its batch
-key, counted up to `COUNT_CAP`).
+ahead is not replayed at all, nor is anything while more than `MAX_KEYS` keys have tasks
+waiting; otherwise the replay reads at most `HORIZON` waiting tasks of each key (index
+ix_tasks_key_state_seq) and stops where a task it did not read could take part. A task the
+replay does not reach gets an upper bound instead, never too low: every waiting task but the
+ones that can never go before it (its own key's later tasks of its batch key, counted up to
+`COUNT_CAP`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cogview_api.store.tables import api_keys, queue_depth, tasks
 
 HORIZON = 32  # waiting tasks read per key
 COUNT_CAP = 256  # later tasks counted for the bound (rows read: the shape is not in the index)
+MAX_KEYS = 8  # keys with tasks waiting beyond which nothing is replayed (a statement per key)
 
 _queued = tasks.c.state == TaskState.QUEUED
 _SHAPE = (tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
@@ -39,8 +41,10 @@ _RUNNING = (
     .group_by(tasks.c.key_id)
 )
 # One index probe per key (keys are few next to tasks): no scan of the waiting tasks.
-_KEYS_WAITING = select(api_keys.c.id).where(
-    exists().where(tasks.c.key_id == api_keys.c.id, _queued)
+_KEYS_WAITING = (
+    select(api_keys.c.id)
+    .where(exists().where(tasks.c.key_id == api_keys.c.id, _queued))
+    .limit(bindparam("limit"))
 )
 _KEY_HEAD = (
     select(tasks.c.id, tasks.c.seq, *_SHAPE)
@@ -126,7 +130,10 @@ def queue_positions(
         return out
     load: dict[str, int] = {k: int(n) for k, n in conn.execute(_RUNNING).all()}
     queues: dict[str, _KeyQueue] = {}
-    for key_id in conn.execute(_KEYS_WAITING).scalars():
+    keys = list(conn.execute(_KEYS_WAITING, {"limit": MAX_KEYS + 1}).scalars())
+    if len(keys) > MAX_KEYS:  # many tenants waiting: the replay would cost a poll too much
+        return {**out, **{t.id: bounds[t.id] for t in near}}
+    for key_id in keys:
         rows = conn.execute(_KEY_HEAD, {"key_id": key_id, "limit": HORIZON + 1}).all()
         read = [_read(r, key_id) for r in rows[:HORIZON]]
         queues[key_id] = _KeyQueue(read, more=len(rows) > HORIZON)
