@@ -120,6 +120,7 @@ class GenerationServing:
             return SubmitRequest(
                 generation=body.to_domain(),
                 idempotency=idempotency_key(request, surface, data),
+                surface=surface,
             )
 
         base = self.base_url(request)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +20,7 @@ from cogview_api.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from cogview_api.services import paging
 from cogview_api.services.keys import authenticate_in, usable_key
 from cogview_api.services.limits import effective_limits
 from cogview_api.services.text import refuse_unstorable_text
@@ -102,6 +101,7 @@ class SubmitRequest:
 
     generation: GenerationRequest
     idempotency: IdempotencyKey | None = None
+    surface: str = "native"  # the API it came in by, recorded for the usage reports
 
 
 def submit_for(
@@ -132,7 +132,9 @@ def submit_for(
         with db.write() as conn:
             key = authenticate_in(conn, secret)
             _refuse_unstorable(request)
-            task, limits = _insert(conn, settings, key=key, request=request, base_url=base_url)
+            task, limits = _insert(
+                conn, settings, key=key, request=request, base_url=base_url, surface=submit.surface
+            )
         return Submission(task, replayed=False, limits=limits)
     with db.read() as conn:
         key = authenticate_in(conn, secret)
@@ -145,7 +147,15 @@ def submit_for(
             prior = _prior(conn, key, idem, settings.max_batch_size)
             if prior is not None:
                 return prior
-    return _submit_new(db, settings, key=key, request=request, base_url=base_url, idem=idem)
+    return _submit_new(
+        db,
+        settings,
+        key=key,
+        request=request,
+        base_url=base_url,
+        idem=idem,
+        surface=submit.surface,
+    )
 
 
 def _refuse_unstorable(request: GenerationRequest) -> None:
@@ -174,6 +184,7 @@ def _submit_new(
     request: GenerationRequest,
     base_url: str | None,
     idem: IdempotencyKey | None,
+    surface: str = "native",
 ) -> Submission:
     refuse_unsafe_callback(request.callback_url, settings)
     for _ in range(_CLAIM_PASSES):
@@ -186,7 +197,9 @@ def _submit_new(
                     idempotency_store.claim(
                         conn, key_id=key.id, idem_key=idem.value, request_hash=idem.request_hash
                     )
-                task, limits = _insert(conn, settings, key=key, request=request, base_url=base_url)
+                task, limits = _insert(
+                    conn, settings, key=key, request=request, base_url=base_url, surface=surface
+                )
                 if idem is not None:
                     idempotency_store.attach(
                         conn, key_id=key.id, idem_key=idem.value, task_id=task.id
@@ -204,6 +217,7 @@ def _insert(
     key: ApiKey,
     request: GenerationRequest,
     base_url: str | None = None,
+    surface: str = "native",
 ) -> tuple[Task, tuple[LimitState, ...]]:
     """Count the submit against the key's rate, then reserve and enqueue (task_store), in the
     caller's transaction; returns the task and the state of the key's limits after it."""
@@ -226,6 +240,7 @@ def _insert(
         max_waiting_per_key=limits.max_waiting,
         base_url=base_url,
         batch_size=settings.max_batch_size,
+        surface=surface,
     )
     states.append(task_store.waiting_state(limits.max_waiting, waiting))
     return task, tuple(states)
@@ -382,19 +397,8 @@ def _list(
 
 
 def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"t:{seq}".encode()).decode().rstrip("=")
+    return paging.encode_cursor("t", seq)
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = raw.partition(":")
-        # A task's seq: ASCII digits, within a 64-bit column (SQLite refuses a bigger bind).
-        if prefix != "t" or not (value.isascii() and value.isdigit()) or len(value) > 19:
-            raise ValueError(raw)
-        seq = int(value)
-        if seq >= 2**63:
-            raise ValueError(raw)
-        return seq
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidRequest("cursor is not valid", param="cursor") from exc
+    return paging.decode_cursor("t", cursor)

@@ -95,6 +95,7 @@ ledger = Table(
     Column("note", String(200), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_ledger_key_id", "key_id"),
+    Index("ix_ledger_created_at", "created_at"),  # the usage reports' date ranges (0010)
 )
 
 tasks = Table(
@@ -136,6 +137,8 @@ tasks = Table(
     Column("started_at", UTCDateTime, nullable=True),
     Column("completed_at", UTCDateTime, nullable=True),
     Column("expires_at", UTCDateTime, nullable=True),
+    # The API the task came in by: native | openai | zhipu (migration 0010), for usage reports.
+    Column("surface", String(16), nullable=False, server_default="native"),
     Index("ix_tasks_key_seq", "key_id", "seq"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_key_state_seq", "key_id", "state", "seq"),
@@ -229,4 +232,17 @@ workers = Table(
     Column("ready", Boolean, nullable=False),
     Column("started_at", UTCDateTime, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
+# One row per admin action, by the admin API or the CLI (migration 0010): never updated.
+admin_audit = Table(
+    "admin_audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("actor", String(64), nullable=False),  # the admin token's name, or cli:<user>
+    Column("action", String(64), nullable=False),  # e.g. keys.create, credits.grant
+    Column("key_id", String(32), nullable=True),  # the key acted on, if any
+    Column("detail", Text, nullable=True),  # JSON: the action's parameters (never a secret)
+    Index("ix_admin_audit_key_id", "key_id"),
 )

@@ -104,6 +104,7 @@ def insert_task(
     max_waiting_per_key: int | None = None,
     base_url: str | None = None,
     batch_size: int = 1,
+    surface: str = "native",
 ) -> Task:
     """Reserve `price` credits and enqueue the task, in the caller's one transaction. Returns
     the task as written (not read back), with its queue position.
@@ -125,6 +126,7 @@ def insert_task(
         max_waiting_per_key=max_waiting_per_key,
         base_url=base_url,
         batch_size=batch_size,
+        surface=surface,
     )[0]
 
 
@@ -141,6 +143,7 @@ def insert_task_counted(
     max_waiting_per_key: int | None = None,
     base_url: str | None = None,
     batch_size: int = 1,
+    surface: str = "native",
 ) -> tuple[Task, int]:
     """`insert_task`, and how many of the key's tasks wait with this one (counted up to
     `max_waiting_per_key`; 0 without it)."""
@@ -183,6 +186,7 @@ def insert_task_counted(
         "user_id": request.user_id,
         "callback_url": request.callback_url,
         "base_url": base_url,
+        "surface": surface,
         "step": 0,
         "attempts": 0,
         "max_attempts": max_attempts,
