@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -99,6 +100,14 @@ def _db(settings: Settings) -> Database:
     return db
 
 
+def _actor() -> str:
+    """Who the audit log says acted: `cli:` and the OS user running the command."""
+    try:
+        return f"cli:{getpass.getuser()}"[:64]
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        return "cli"
+
+
 def _key_dict(key: Any) -> dict[str, Any]:
     return {
         "id": key.id,
@@ -178,7 +187,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         print("database schema is up to date")
     elif args.command == "keys" and args.keys_command == "create":
-        key, secret = key_service.create_key(db, name=args.name, credits=args.credits)
+        key, secret = key_service.create_key(
+            db, name=args.name, credits=args.credits, actor=_actor()
+        )
         signing = key_service.webhook_secret(db, key.id)
         if args.json:
             print(json.dumps({**_key_dict(key), "key": secret, "webhook_secret": signing}))
@@ -187,7 +198,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"API key (shown once, store it now): {secret}")
             print(f"webhook signing secret (shown once, verifies callback_url POSTs): {signing}")
     elif args.command == "keys" and args.keys_command == "rotate-webhook-secret":
-        signing = key_service.rotate_webhook_secret(db, args.key_id)
+        signing = key_service.rotate_webhook_secret(db, args.key_id, actor=_actor())
         if args.json:
             print(json.dumps({"id": args.key_id, "webhook_secret": signing}))
         else:
@@ -201,12 +212,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                 state = "revoked" if k["revoked"] else "active"
                 print(f"{k['id']}  {k['prefix']}…  {k['balance']:>8}  {state:8}  {k['name']}")
     elif args.command == "keys" and args.keys_command == "revoke":
-        key = key_service.revoke_key(db, args.key_id)
+        key = key_service.revoke_key(db, args.key_id, actor=_actor())
         print(f"revoked {key.id} ({key.name})")
     elif args.command == "keys" and args.keys_command == "limits":
         _print_limits(_key_limits(args, settings, db), as_json=args.json)
     elif args.command == "credits":
-        key = key_service.grant_credits(db, key_id=args.key_id, amount=args.amount, note=args.note)
+        key = key_service.grant_credits(
+            db, key_id=args.key_id, amount=args.amount, note=args.note, actor=_actor()
+        )
         print(f"{key.id}: balance {key.balance}")
     return 0
 

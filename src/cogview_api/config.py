@@ -27,6 +27,9 @@ def parse_size_list(text: str) -> list[tuple[int, int]]:
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
+MIN_ADMIN_TOKEN_CHARS = 32
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Flags of the CLI override these."""
 
@@ -42,7 +45,10 @@ class Settings(BaseSettings):
     # so only these hosts are answered (comma-separated names, case-insensitive, port ignored;
     # `*` for any). Empty: localhost, 127.0.0.1, ::1 and COGVIEW_HOST unless that is 0.0.0.0/::.
     trusted_hosts: str = ""
+    # The admin API (/admin/v1) is on only while a token is set: at least 32 characters, sent as
+    # `Authorization: Bearer <token>`. Its name is the "who" of the audit rows it leaves.
     admin_token: str | None = None
+    admin_token_name: str = Field(default="admin", pattern=r"^[A-Za-z0-9._@-]{1,48}$")
 
     # The model and how it runs.
     model: str = DEFAULT_MODEL
@@ -183,8 +189,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if self.admin_token is not None and len(self.admin_token) < 16:
-            raise ValueError("COGVIEW_ADMIN_TOKEN must be at least 16 characters")
+        if self.admin_token is not None:
+            if len(self.admin_token) < MIN_ADMIN_TOKEN_CHARS:
+                raise ValueError(
+                    f"COGVIEW_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters "
+                    "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+            if not all("!" <= ch <= "~" for ch in self.admin_token):
+                raise ValueError(
+                    "COGVIEW_ADMIN_TOKEN must be printable ASCII without spaces (it travels in "
+                    "an Authorization header)"
+                )
         if self.image_urls == "presigned" and not self.storage_url.startswith("s3://"):
             raise ValueError(
                 "COGVIEW_IMAGE_URLS=presigned needs images in S3 (COGVIEW_STORAGE_URL=s3://...); "
