@@ -31,7 +31,9 @@ ASSET_TYPES = {".js": "javascript", ".css": "text/css", ".png": "image/png"}
 @pytest.fixture(scope="module")
 def docs_api(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[InProcessApi]:
     tmp = tmp_path_factory.mktemp("docs")
-    with in_process_api(make_settings(tmp, tiny_cache)) as running:
+    # With the admin API on, so its routes are held to the same standard as the others.
+    settings = make_settings(tmp, tiny_cache, admin_token="a" * 32)
+    with in_process_api(settings) as running:
         yield running
 
 
@@ -70,6 +72,19 @@ def test_every_operation_is_described(spec: dict[str, Any]) -> None:
         ("get", "/api/v1/tasks/{task_id}/events"),
         ("get", "/api/v1/tasks"),
         ("get", "/api/v1/account"),
+        ("get", "/api/v1/usage"),
+        ("get", "/api/v1/ledger"),
+        ("post", "/admin/v1/keys"),
+        ("get", "/admin/v1/keys"),
+        ("get", "/admin/v1/keys/{key_id}"),
+        ("post", "/admin/v1/keys/{key_id}/revoke"),
+        ("post", "/admin/v1/keys/{key_id}/webhook-secret"),
+        ("post", "/admin/v1/keys/{key_id}/credits/grant"),
+        ("post", "/admin/v1/keys/{key_id}/credits/adjust"),
+        ("get", "/admin/v1/keys/{key_id}/ledger"),
+        ("get", "/admin/v1/usage"),
+        ("get", "/admin/v1/ledger/export"),
+        ("get", "/admin/v1/audit"),
         ("post", "/v1/images/generations"),
         ("post", "/api/paas/v4/images/generations"),
         ("get", "/images/{name}"),
@@ -148,6 +163,33 @@ def test_the_request_examples_are_accepted_by_the_server(
     for example in media_examples(op["requestBody"]["content"]["application/json"]):
         r = docs_api.client.post("/api/v1/images/generations", json=example, headers=auth(key))
         assert r.status_code == 200, r.text
+
+
+def test_the_admin_api_has_its_own_tag_and_token_and_its_examples_work(
+    spec: dict[str, Any], docs_api: InProcessApi
+) -> None:
+    admin_ops = [(m, p, op) for m, p, op in operations(spec) if p.startswith("/admin/")]
+    assert len(admin_ops) == 11
+    for method, path, op in admin_ops:
+        assert op["tags"] == ["admin"], (method, path)
+        assert op["security"] == [{"adminToken": []}], (method, path)
+    assert "admin" in {t["name"] for t in spec["tags"]}
+    assert spec["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+    admin = auth("a" * 32)
+    made = docs_api.client.post(
+        "/admin/v1/keys", json={"name": "docs", "credits": 100}, headers=admin
+    )
+    key_id = made.json()["data"]["id"]
+    for path in (
+        "/admin/v1/keys",
+        "/admin/v1/keys/{key_id}/credits/grant",
+        "/admin/v1/keys/{key_id}/credits/adjust",
+    ):
+        op = spec["paths"][path]["post"]
+        for example in media_examples(op["requestBody"]["content"]["application/json"]):
+            url = path.replace("{key_id}", key_id)
+            r = docs_api.client.post(url, json=example, headers=admin)
+            assert r.status_code == 200, (path, r.text)
 
 
 def test_routes_that_need_a_key_say_so(spec: dict[str, Any]) -> None:

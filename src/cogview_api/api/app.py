@@ -12,6 +12,7 @@ from cogview_api.api.errors import RequestGuard, install_error_handlers
 from cogview_api.api.metrics import HttpMetrics
 from cogview_api.api.openapi import install_docs
 from cogview_api.api.routes import (
+    admin,
     health,
     images,
     metrics,
@@ -71,6 +72,8 @@ def create_app(
     if settings.metrics and settings.metrics_port is None:
         app.state.queue_collector = QueueCollector(lambda: queue_snapshot(backends.db, settings))
         app.include_router(metrics.router)
+    if settings.admin_token is not None:  # off (unknown routes, 404) without a token
+        app.include_router(admin.router)
     install_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(

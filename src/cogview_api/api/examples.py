@@ -152,3 +152,140 @@ OPENAI_ANSWER = {"created": 1795496431, "data": [{"url": IMAGE_URL}]}
 ZHIPU_ANSWER = {"created": 1795496431, "data": [{"url": IMAGE_URL}]}
 HEALTHZ_ANSWER = {"status": "ok"}
 READYZ_ANSWER = {"status": "ready", "workers": 1}
+
+# -- usage and ledger (native and admin) -----------------------------------------------------
+
+KEY_ID = "key_8f2c41d0a9b3e7c5"
+_FIGURES = {"tasks": 3, "images": 4, "credits_charged": 20, "credits_refunded": 4, "credits": 16}
+USAGE_REPORT = {
+    "from": "2026-11-01",
+    "to": "2026-11-30",
+    "key_id": KEY_ID,
+    "totals": _FIGURES,
+    "days": [{"date": "2026-11-24", **_FIGURES}],
+    "rows": [
+        {
+            "date": "2026-11-24",
+            "key_id": KEY_ID,
+            "quality": "hd",
+            "surface": "native",
+            "tasks": 2,
+            "images": 3,
+            "credits_charged": 16,
+            "credits_refunded": 4,
+            "credits": 12,
+        },
+        {
+            "date": "2026-11-24",
+            "key_id": KEY_ID,
+            "quality": "standard",
+            "surface": "openai",
+            "tasks": 1,
+            "images": 1,
+            "credits_charged": 4,
+            "credits_refunded": 0,
+            "credits": 4,
+        },
+    ],
+}
+USAGE_ANSWER = success(USAGE_REPORT)
+LEDGER_RESERVE = {
+    "id": 1042,
+    "created_at": CREATED,
+    "key_id": KEY_ID,
+    "kind": "reserve",
+    "amount": -4,
+    "task_id": TASK_ID,
+    "quality": "hd",
+    "surface": "native",
+    "note": None,
+}
+LEDGER_GRANT = {
+    "id": 1001,
+    "created_at": "2026-11-20T09:30:00Z",
+    "key_id": KEY_ID,
+    "kind": "grant",
+    "amount": 1000,
+    "task_id": None,
+    "quality": None,
+    "surface": None,
+    "note": "invoice 2026-117",
+}
+LEDGER_ANSWER = success(
+    {"entries": [LEDGER_RESERVE, LEDGER_GRANT], "next_cursor": "bDoxMDAx", "has_more": True}
+)
+
+# -- admin API -------------------------------------------------------------------------------
+
+KEY_ADMIN = {
+    "id": KEY_ID,
+    "name": "production",
+    "prefix": "cv4_Q2x9fL",
+    "balance": 996,
+    "created_at": "2026-11-20T09:30:00Z",
+    "revoked_at": None,
+    "revoked": False,
+    "images_generated": 1,
+    "credits_spent": 4,
+}
+KEY_CREATE_REQUESTS = {
+    "with_credits": {
+        "summary": "A key with 1000 credits",
+        "value": {"name": "production", "credits": 1000},
+    },
+    "empty": {"summary": "A key with no credits yet", "value": {"name": "staging"}},
+}
+KEY_CREATED_ANSWER = success(
+    {
+        **KEY_ADMIN,
+        "balance": 1000,
+        "images_generated": 0,
+        "credits_spent": 0,
+        "key": "cv4_Q2x9fLrT0aWk3yZbN8cVd1eXh5jMp7sUq4oIg6lKfA",
+        "webhook_secret": "whsec_MfKQ9DXkL8QJdWc2oQ8hb9HQ3N1bIoyb",
+    }
+)
+KEY_ANSWER = success(KEY_ADMIN)
+KEY_REVOKED_ANSWER = success({**KEY_ADMIN, "revoked_at": "2026-11-25T12:00:00Z", "revoked": True})
+KEYS_ANSWER = success({"keys": [KEY_ADMIN]})
+WEBHOOK_SECRET_ANSWER = success(
+    {"key_id": KEY_ID, "webhook_secret": "whsec_3b8QwPz0NqLk5VrYx2Tc7Hf9Jd4Gs6Am"}
+)
+GRANT_REQUESTS = {
+    "grant": {"summary": "Add credits", "value": {"amount": 1000, "note": "invoice 2026-117"}},
+}
+ADJUST_REQUESTS = {
+    "down": {
+        "summary": "Take credits back",
+        "value": {"amount": -40, "note": "duplicate grant of 2026-11-20"},
+    },
+    "up": {"summary": "Correct upwards", "value": {"amount": 8, "note": "goodwill"}},
+}
+CREDITS_ANSWER = success(
+    {"key": {**KEY_ADMIN, "balance": 1996}, "entry": {**LEDGER_GRANT, "id": 1043}}
+)
+AUDIT_ANSWER = success(
+    {
+        "entries": [
+            {
+                "id": 77,
+                "at": "2026-11-25T12:00:00Z",
+                "actor": "ops",
+                "action": "credits.grant",
+                "key_id": KEY_ID,
+                "detail": {"amount": 1000, "note": "invoice 2026-117"},
+            }
+        ],
+        "next_cursor": None,
+        "has_more": False,
+    }
+)
+LEDGER_CSV = (
+    "id,created_at,key_id,kind,amount,task_id,quality,surface,note\r\n"
+    f"1001,2026-11-20T09:30:00Z,{KEY_ID},grant,1000,,,,invoice 2026-117\r\n"
+    f"1042,{CREATED},{KEY_ID},reserve,-4,{TASK_ID},hd,native,\r\n"
+)
+LEDGER_JSONL = (
+    '{"id":1001,"created_at":"2026-11-20T09:30:00Z","key_id":"' + KEY_ID + '","kind":"grant",'
+    '"amount":1000,"task_id":null,"quality":null,"surface":null,"note":"invoice 2026-117"}\n'
+)

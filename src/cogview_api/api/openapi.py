@@ -30,6 +30,8 @@ from cogview_api.api.schemas import ErrorBody
 DOCS_PATH = "/docs"
 ASSETS_PATH = "/docs/assets"
 BEARER = "bearerAuth"
+ADMIN_BEARER = "adminToken"
+ADMIN_TAG = "admin"
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # FastAPI encodes the schema with exclude_none, which also drops every null *inside* examples
 # (and the answers have nulls: `"error": null`, `"param": null`). So examples travel as JSON
@@ -245,7 +247,8 @@ def describe(app: FastAPI) -> dict[str, Any]:
     for operation in _operations(schema):
         operation["responses"].pop("422", None)
         if "401" in operation["responses"]:
-            operation["security"] = [{BEARER: []}]
+            admin = ADMIN_TAG in operation.get("tags", ())
+            operation["security"] = [{ADMIN_BEARER if admin else BEARER: []}]
         media_types = [
             *operation.get("requestBody", {}).get("content", {}).values(),
             *(m for r in operation["responses"].values() for m in r.get("content", {}).values()),
@@ -265,6 +268,23 @@ def describe(app: FastAPI) -> dict[str, Any]:
             "description": "An API key from `cogview-api keys create`: `Bearer cv4_...`.",
         }
     }
+    if any(t.get("name") == ADMIN_TAG for t in schema.get("tags", ())) or any(
+        ADMIN_TAG in op.get("tags", ()) for op in _operations(schema)
+    ):
+        components["securitySchemes"][ADMIN_BEARER] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The operator's COGVIEW_ADMIN_TOKEN (admin routes only).",
+        }
+        schema["tags"] = [
+            *schema.get("tags", ()),
+            {
+                "name": ADMIN_TAG,
+                "description": "The operator's API (on while COGVIEW_ADMIN_TOKEN is set): keys, "
+                "credits, usage reports, the ledger export and the audit log. Every call is "
+                "recorded in the audit log under the token's name (COGVIEW_ADMIN_TOKEN_NAME).",
+            },
+        ]
     return schema
 
 

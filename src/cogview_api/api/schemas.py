@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date as date_
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -229,3 +230,64 @@ class ErrorBody(BaseModel):
     """Every error, from every route."""
 
     error: ErrorDetail
+
+
+# -- usage and ledger (native /api/v1/usage, /api/v1/ledger; the admin API's too) ------------
+
+
+class UsageFigures(BaseModel):
+    """Server -> client: what was used. `credits` = `credits_charged` - `credits_refunded`."""
+
+    tasks: int
+    images: int
+    credits_charged: int
+    credits_refunded: int
+    credits: int
+
+
+class UsageDay(UsageFigures):
+    date: date_
+
+
+class UsageRow(UsageFigures):
+    """One key's usage on one day for one quality and surface."""
+
+    date: date_
+    key_id: str
+    quality: str
+    surface: str
+
+
+class UsageReportPublic(BaseModel):
+    """Server -> client: usage over whole UTC days, `from` to `to` inclusive. `days` and `rows`
+    leave out days with no use."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: date_ = Field(alias="from")
+    to: date_
+    key_id: str | None
+    totals: UsageFigures
+    days: list[UsageDay]
+    rows: list[UsageRow]
+
+
+class LedgerEntryPublic(BaseModel):
+    """Server -> client: one credit movement. `amount` is signed (a reserve is negative);
+    `quality` and `surface` are those of the entry's task, null for grants and adjustments."""
+
+    id: int
+    created_at: datetime
+    key_id: str
+    kind: str
+    amount: int
+    task_id: str | None
+    quality: str | None
+    surface: str | None
+    note: str | None
+
+
+class LedgerPage(BaseModel):
+    entries: list[LedgerEntryPublic]
+    next_cursor: str | None
+    has_more: bool

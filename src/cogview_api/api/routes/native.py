@@ -20,16 +20,20 @@ from cogview_api.api.openapi import (
     json_request_body,
 )
 from cogview_api.api.present import task_created, task_public
+from cogview_api.api.present_usage import ledger_entry_public, usage_public
 from cogview_api.api.schemas import (
     AccountPublic,
     Envelope,
     GenerationCreate,
+    LedgerPage,
     TaskCreated,
     TaskList,
     TaskPublic,
+    UsageReportPublic,
 )
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
+from cogview_api.services import usage as usage_service
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 
@@ -246,3 +250,58 @@ async def get_account(secret: Secret, serving: ServingDep) -> Envelope[AccountPu
         credits_spent=acct.credits_spent,
     )
     return Envelope[AccountPublic](data=data)
+
+
+@router.get(
+    "/usage",
+    response_model=Envelope[UsageReportPublic],
+    responses={
+        200: json_200(examples.USAGE_ANSWER),
+        **error_responses("native", 400, 401, 403, 500, 503),
+    },
+    summary="Your key's usage per day, by quality and surface",
+)
+async def get_usage(
+    serving: ServingDep,
+    secret: Secret,
+    # Read by the service (YYYY-MM-DD only, with its own messages).
+    start: Annotated[
+        str | None,
+        Query(
+            alias="from", description="First UTC day, YYYY-MM-DD (default: 29 days before `to`)."
+        ),
+    ] = None,
+    end: Annotated[
+        str | None, Query(alias="to", description="Last UTC day, inclusive (default: today).")
+    ] = None,
+) -> Envelope[UsageReportPublic]:
+    report = await run_in_threadpool(
+        lambda: usage_service.usage_for(serving.db, secret=secret, start=start, end=end)
+    )
+    return Envelope[UsageReportPublic](data=usage_public(report))
+
+
+@router.get(
+    "/ledger",
+    response_model=Envelope[LedgerPage],
+    responses={
+        200: json_200(examples.LEDGER_ANSWER),
+        **error_responses("native", 400, 401, 403, 500, 503),
+    },
+    summary="Your key's credit ledger, newest first",
+)
+async def get_ledger(
+    serving: ServingDep,
+    secret: Secret,
+    limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": 100})] = 20,
+    cursor: Annotated[str | None, Query()] = None,
+) -> Envelope[LedgerPage]:
+    rows, next_cursor = await run_in_threadpool(
+        lambda: usage_service.ledger_for(serving.db, secret=secret, limit=limit, cursor=cursor)
+    )
+    data = LedgerPage(
+        entries=[ledger_entry_public(r) for r in rows],
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
+    )
+    return Envelope[LedgerPage](data=data)
