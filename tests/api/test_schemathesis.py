@@ -41,12 +41,18 @@ class GrayEngine(FlakyEngine):
         return super().generate([replace(job, prompt="gray") for job in jobs], progress)
 
 
+ADMIN_TOKEN = "fuzz-admin-" + "0" * 32
+
+
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[InProcessApi]:
-    """The API with a worker (so the OpenAI and Zhipu routes and /readyz answer 200)."""
+    """The API with a worker (so the OpenAI and Zhipu routes and /readyz answer 200), and the
+    admin API on."""
     tmp = tmp_path_factory.mktemp("schemathesis")
     with (
-        in_process_api(make_settings(tmp, tiny_cache, sync_wait_seconds=30)) as api,
+        in_process_api(
+            make_settings(tmp, tiny_cache, sync_wait_seconds=30, admin_token=ADMIN_TOKEN)
+        ) as api,
         background_worker(api, GrayEngine()),
     ):
         yield api
@@ -91,7 +97,9 @@ def test_every_operation_keeps_its_description(
         if mode is GenerationMode.NEGATIVE and not negatable(operation):
             continue
 
-        @given(case=operation.as_strategy(mode, headers=auth(fuzz_key)))
+        bearer = ADMIN_TOKEN if operation.path.startswith("/admin/") else fuzz_key
+
+        @given(case=operation.as_strategy(mode, headers=auth(bearer)))
         @settings(
             max_examples=25,
             deadline=None,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import subprocess
 from pathlib import Path
 
 import httpx
+from sqlalchemy import select
 
+from cogview_api.store.db import Database
+from cogview_api.store.tables import admin_audit
 from tests.support import CLI, EXAMPLE_BODY, ServerProcess, auth, server_env
 
 
@@ -57,6 +61,25 @@ def test_keys_and_credits_lifecycle(tmp_path: Path, tiny_cache: Path) -> None:
     listed = json.loads(cli(tmp_path, env, "keys", "list", "--json").stdout)
     # The revoke cancelled the waiting task (nothing ran it) and refunded its 4 credits.
     assert listed[0]["revoked"] is True and listed[0]["balance"] == 16
+
+    # Every change is in the audit log, by the same services as the admin API, as cli:<user>.
+    db = Database(f"sqlite:///{tmp_path}/cogview-data/cogview.db")
+    try:
+        with db.read() as conn:
+            rows = conn.execute(
+                select(admin_audit.c.actor, admin_audit.c.action, admin_audit.c.key_id).order_by(
+                    admin_audit.c.id
+                )
+            ).all()
+    finally:
+        db.dispose()
+    assert [(r.action, r.key_id) for r in rows] == [
+        ("keys.create", key["id"]),
+        ("keys.create", listed[1]["id"]),
+        ("credits.grant", key["id"]),
+        ("keys.revoke", key["id"]),
+    ]
+    assert {r.actor for r in rows} == {f"cli:{getpass.getuser()}"}
 
 
 def test_unknown_key_id_and_bad_settings_are_one_line_errors(
