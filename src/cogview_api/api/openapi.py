@@ -142,14 +142,19 @@ def json_200(example: Any = None, *, named: dict[str, Any] | None = None) -> dic
 
 
 def error_responses(
-    surface: Surface, *statuses: int, messages: dict[int, str] | None = None
+    surface: Surface,
+    *statuses: int,
+    messages: dict[int, str] | None = None,
+    params: dict[int, str | None] | None = None,
 ) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for the error statuses a route answers: the surface's envelope as
-    schema, with an example built by the same function that builds the real answers."""
+    schema, with an example built by the same function that builds the real answers (its
+    message and `param` replaced where `messages` and `params` say)."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         description, (type_, message, param) = ERROR_DOCS[status]
         message = (messages or {}).get(status, message)
+        param = (params or {}).get(status, param)
         example = ENVELOPES[surface](status, type_, message, param)
         out[status] = {
             "model": ERROR_BODIES[surface],

@@ -72,13 +72,25 @@ ERROR_MESSAGES = {
     401: INVALID_TOKEN,
     403: NOT_ADMIN,
     404: f"No key with id '{examples.KEY_ID}'.",
-    400: "amount of a grant must be positive",
 }
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return error_responses("native", 401, 403, *statuses, 500, 503, messages=ERROR_MESSAGES)
+def errors(
+    *statuses: int, bad: tuple[str, str] = ("limit", "limit must be between 1 and 100")
+) -> dict[int | str, Any]:
+    """The error answers of an admin route; `bad`: the `param` and message of its 400's
+    example."""
+    messages = {**ERROR_MESSAGES, 400: bad[1]}
+    return error_responses(
+        "native", 401, 403, *statuses, 500, 503, messages=messages, params={400: bad[0]}
+    )
 
+
+BAD_CREDITS = "Invalid 'credits': Input should be greater than or equal to 0."
+BELOW_ZERO = (
+    "Insufficient credits: the key has fewer than 40, and an adjustment never takes a balance "
+    "below zero."
+)
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -108,7 +120,10 @@ def key_admin(key: ApiKey) -> KeyAdmin:
 @router.post(
     "/keys",
     response_model=Envelope[KeyCreated],
-    responses={200: json_200(examples.KEY_CREATED_ANSWER), **errors(400, 413)},
+    responses={
+        200: json_200(examples.KEY_CREATED_ANSWER),
+        **errors(400, 413, bad=("credits", BAD_CREDITS)),
+    },
     openapi_extra={"requestBody": json_request_body(KeyCreate, examples.KEY_CREATE_REQUESTS)},
     summary="Create a key (its secrets are shown this once)",
 )
@@ -190,7 +205,10 @@ async def _move(
 @router.post(
     "/keys/{key_id}/credits/grant",
     response_model=Envelope[CreditMoved],
-    responses={200: json_200(examples.CREDITS_ANSWER), **errors(400, 404, 413)},
+    responses={
+        200: json_200(examples.CREDITS_ANSWER),
+        **errors(400, 404, 413, bad=("amount", "amount of a grant must be positive")),
+    },
     openapi_extra={"requestBody": json_request_body(CreditChange, examples.GRANT_REQUESTS)},
     summary="Grant credits (a `grant` ledger row; amount > 0)",
 )
@@ -201,7 +219,10 @@ async def grant_credits(key_id: str, request: Request, actor: Actor, backends: B
 @router.post(
     "/keys/{key_id}/credits/adjust",
     response_model=Envelope[CreditMoved],
-    responses={200: json_200(examples.CREDITS_ANSWER), **errors(400, 404, 413)},
+    responses={
+        200: json_200(examples.CREDITS_ANSWER),
+        **errors(400, 404, 413, bad=("amount", BELOW_ZERO)),
+    },
     openapi_extra={"requestBody": json_request_body(CreditChange, examples.ADJUST_REQUESTS)},
     summary="Adjust credits (an `adjust` ledger row; never below zero)",
 )
@@ -246,7 +267,10 @@ async def key_ledger(
 @router.get(
     "/usage",
     response_model=Envelope[UsageReportPublic],
-    responses={200: json_200(examples.USAGE_ANSWER), **errors(400, 404)},
+    responses={
+        200: json_200(examples.USAGE_ANSWER),
+        **errors(400, 404, bad=("from", "from must not be after to")),
+    },
     summary="Usage per key and day, by quality and surface",
 )
 async def usage(
@@ -282,7 +306,7 @@ EXPORT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson
                 },
             },
         },
-        **errors(400, 404),
+        **errors(400, 404, bad=("format", "format must be csv or jsonl")),
     },
     summary="Export the ledger (CSV or JSON Lines, streamed)",
 )

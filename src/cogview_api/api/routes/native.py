@@ -257,7 +257,12 @@ async def get_account(secret: Secret, serving: ServingDep) -> Envelope[AccountPu
     response_model=Envelope[UsageReportPublic],
     responses={
         200: json_200(examples.USAGE_ANSWER),
-        **error_responses("native", 400, 401, 403, 500, 503),
+        **error_responses(
+            "native",
+            *(400, 401, 403, 500, 503),
+            messages={400: "from must not be after to"},
+            params={400: "from"},
+        ),
     },
     summary="Your key's usage per day, by quality and surface",
 )
@@ -286,7 +291,12 @@ async def get_usage(
     response_model=Envelope[LedgerPage],
     responses={
         200: json_200(examples.LEDGER_ANSWER),
-        **error_responses("native", 400, 401, 403, 500, 503),
+        **error_responses(
+            "native",
+            *(400, 401, 403, 500, 503),
+            messages={400: "cursor is not valid"},
+            params={400: "cursor"},
+        ),
     },
     summary="Your key's credit ledger, newest first",
 )
