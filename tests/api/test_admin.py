@@ -9,12 +9,13 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from cogview_api.services import usage as usage_service
 from cogview_api.store.tables import admin_audit, images, ledger, tasks
@@ -514,3 +515,43 @@ def test_ledger_export_streams_csv_and_jsonl_that_parse(
     old = c.get("/admin/v1/ledger/export", params={"to": "2020-01-01"}, headers=ADMIN)
     assert old.text == ",".join(usage_service.EXPORT_COLUMNS) + "\r\n"  # the header alone
     assert [a for _, a, _ in audit_rows(admin_api)][-3:] == ["ledger.export"] * 3
+
+
+def test_usage_days_are_utc_days(admin_api: InProcessApi) -> None:
+    """A charge at 23:59:59 UTC counts on that day, one at 00:00:00 on the next, whatever the
+    database session's time zone (PostgreSQL's is set to Tokyo's here)."""
+    if admin_api.db.engine.dialect.name == "postgresql":
+        with admin_api.db.write() as conn:
+            conn.execute(
+                text(
+                    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET timezone TO %L', "
+                    "current_database(), 'Asia/Tokyo'); END $$"
+                )
+            )
+        admin_api.db.engine.dispose()  # new connections take the database's setting
+        with admin_api.db.read() as conn:
+            assert conn.execute(text("SHOW timezone")).scalar_one() == "Asia/Tokyo"
+    key = create_key(admin_api, credits=100)
+    late, early = submit(admin_api, key["key"]), submit(admin_api, key["key"], n=2)
+    moves = {late: "2026-11-01T23:59:59+00:00", early: "2026-11-02T00:00:00+00:00"}
+    with admin_api.db.write() as conn:
+        for task_id, at in moves.items():
+            conn.execute(
+                ledger.update()
+                .where(ledger.c.task_id == task_id)
+                .values(created_at=datetime.fromisoformat(at))
+            )
+    params = {"from": "2026-10-31", "to": "2026-11-03", "key_id": key["id"]}
+    report = data(admin_api.client.get("/admin/v1/usage", params=params, headers=ADMIN))
+    assert [(d["date"], d["tasks"], d["credits"]) for d in report["days"]] == [
+        ("2026-11-01", 1, 4),
+        ("2026-11-02", 1, 8),
+    ]
+    own = data(
+        admin_api.client.get(
+            "/api/v1/usage",
+            params={"from": "2026-11-02", "to": "2026-11-02"},
+            headers=auth(key["key"]),
+        )
+    )
+    assert own["totals"]["credits"] == 8 and own["from"] == own["to"] == "2026-11-02"
