@@ -200,6 +200,24 @@ def test_a_keys_own_limits_from_the_cli_hold_from_its_next_submit(
     )
 
 
+def test_a_new_rate_or_a_reset_starts_the_key_with_a_full_burst(api: InProcessApi) -> None:
+    key = api.make_key(credits=100)
+    key_id = _key_id(api, key)
+    settings = api.settings
+    # One submit in 1,000 s: after it, the key's TAT lies 1,000 s ahead.
+    limit_service.set_key_limits(api.db, settings, key_id, submit_rate=0.001, submit_burst=1)
+    assert [_post(api, key).status_code for _ in range(2)] == [200, 429]
+    # A new waiting limit alone keeps the rate's state.
+    limit_service.set_key_limits(api.db, settings, key_id, max_waiting=50)
+    assert _post(api, key).status_code == 429
+    # Back to the defaults (1 a second, 3 at once): not held back by the old rate's 1,000 s.
+    limit_service.set_key_limits(api.db, settings, key_id, reset=True)
+    assert _tat(api, key_id) is None
+    assert [_post(api, key).status_code for _ in range(4)] == [200, 200, 200, 429]
+    limit_service.set_key_limits(api.db, settings, key_id, submit_burst=5)
+    assert [_post(api, key).status_code for _ in range(6)] == [200] * 5 + [429]
+
+
 @pytest.mark.parametrize(
     ("changes", "sentence"),
     [

@@ -66,8 +66,9 @@ def set_key_limits(
 ) -> KeyLimits:
     """Give the key its own values for the limits named (the others keep theirs), or with
     `reset`, drop all its own values (it follows the settings again). They hold from the key's
-    next submit, on every replica. Returns the limits in effect; InvalidRequest for a value out
-    of range (or values given with `reset`), NotFound for an unknown key."""
+    next submit, on every replica; a new rate or burst (or a reset) starts the key with a full
+    burst. Returns the limits in effect; InvalidRequest for a value out of range (or values
+    given with `reset`), NotFound for an unknown key."""
     values = {"submit_rate": submit_rate, "submit_burst": submit_burst, "max_waiting": max_waiting}
     given = {name: value for name, value in values.items() if value is not None}
     if reset and given:
@@ -88,7 +89,12 @@ def set_key_limits(
             f"The waiting tasks limit must be from 1 to {MAX_WAITING}.", param="max_waiting"
         )
     with db.write() as conn:
-        changes = dict.fromkeys(values) if reset else given
+        changes: dict[str, object] = dict.fromkeys(values) if reset else dict(given)
+        if reset or "submit_rate" in given or "submit_burst" in given:
+            # The key's rate state was kept in the old rate's terms: a slow rate's TAT can lie
+            # hours ahead and would hold a faster new rate (or the defaults) back as long. A new
+            # rate starts the key afresh, with its full burst.
+            changes["submit_tat"] = None
         key = (
             key_store.set_limits(conn, key_id, changes)
             if changes
