@@ -129,6 +129,7 @@ def _key_limits(args: argparse.Namespace, settings: Settings, db: Database) -> K
             submit_burst=args.burst,
             max_waiting=args.max_waiting,
             reset=args.reset,
+            actor=_actor(),
         )
     return limit_service.key_limits(db, settings, args.key_id)
 

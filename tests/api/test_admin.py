@@ -38,6 +38,8 @@ KEY_ROUTES = [
     ("post", "/admin/v1/keys/{id}/credits/grant"),
     ("post", "/admin/v1/keys/{id}/credits/adjust"),
     ("get", "/admin/v1/keys/{id}/ledger"),
+    ("get", "/admin/v1/keys/{id}/limits"),
+    ("put", "/admin/v1/keys/{id}/limits"),
 ]
 ALL_ROUTES = [
     ("post", "/admin/v1/keys"),
@@ -207,9 +209,11 @@ def test_key_lifecycle_through_the_admin_api(admin_api: InProcessApi) -> None:
 
 def test_unknown_keys_are_404_on_every_key_route(admin_api: InProcessApi) -> None:
     for method, path in KEY_ROUTES:
+        # A body the route would take for a known key.
+        body = {"submit_burst": 3} if path.endswith("/limits") else {"amount": 5}
         for key_id in ("key_0000000000000000", "x" * 200, "nul%00here"):
             r = admin_api.client.request(
-                method, path.replace("{id}", key_id), headers=ADMIN, json={"amount": 5}
+                method, path.replace("{id}", key_id), headers=ADMIN, json=body
             )
             if "%00" in key_id and r.status_code == 400:
                 continue  # PostgreSQL cannot hold NUL: refused as a bad input, not a 500
@@ -337,6 +341,96 @@ def test_bad_input_is_400_in_the_native_envelope(
     error = native_error(r, 400, "invalid_request")
     assert error["param"] == param, error
     assert data(admin_api.client.get(f"/admin/v1/keys/{key['id']}", headers=ADMIN))["balance"] == 3
+
+
+# -- per-key limits -----------------------------------------------------------------------
+
+
+def test_a_keys_limits_are_read_set_and_reset_and_hold_from_its_next_submit(
+    admin_api: InProcessApi,
+) -> None:
+    c = admin_api.client
+    key = create_key(admin_api, credits=100)
+    url = f"/admin/v1/keys/{key['id']}/limits"
+    defaults = {
+        "key_id": key["id"],
+        "submit_rate": 10.0,
+        "submit_burst": 50,
+        "max_waiting": 100,
+        "own": [],
+    }
+    assert data(c.get(url, headers=ADMIN)) == defaults
+
+    # A rate so slow nothing refills during the test: the burst alone decides.
+    got = data(c.put(url, json={"submit_rate": 0.001, "submit_burst": 2}, headers=ADMIN))
+    assert got == {
+        **defaults,
+        "submit_rate": 0.001,
+        "submit_burst": 2,
+        "own": ["submit_burst", "submit_rate"],
+    }
+    assert data(c.get(url, headers=ADMIN)) == got
+    body = EXAMPLE_BODY
+    first = c.post("/api/v1/images/generations", json=body, headers=auth(key["key"]))
+    assert first.status_code == 200, first.text
+    assert first.headers["ratelimit-policy"].startswith('"submits";q=2;')
+    assert c.post("/api/v1/images/generations", json=body, headers=auth(key["key"])).is_success
+    third = c.post("/api/v1/images/generations", json=body, headers=auth(key["key"]))
+    native_error(third, 429, "rate_limit_exceeded")
+
+    # Another value later keeps the first ones, and the rate's state: still over it.
+    got = data(c.put(url, json={"max_waiting": 7}, headers=ADMIN))
+    assert got["own"] == ["max_waiting", "submit_burst", "submit_rate"]
+    assert (got["submit_burst"], got["max_waiting"]) == (2, 7)
+    again = c.post("/api/v1/images/generations", json=body, headers=auth(key["key"]))
+    native_error(again, 429, "rate_limit_exceeded")
+    # Reset drops them all, and the slow rate's state with them: the defaults' full burst.
+    assert data(c.put(url, json={"reset": True}, headers=ADMIN)) == defaults
+    fourth = c.post("/api/v1/images/generations", json=body, headers=auth(key["key"]))
+    assert fourth.status_code == 200, fourth.text
+    assert fourth.headers["ratelimit-policy"].startswith('"submits";q=50;')
+    assert fourth.headers["ratelimit"].startswith('"submits";r=49;')
+
+    assert [(a, k) for _, a, k in audit_rows(admin_api)][1:] == [
+        ("keys.limits.get", key["id"]),
+        ("keys.limits.set", key["id"]),
+        ("keys.limits.get", key["id"]),
+        ("keys.limits.set", key["id"]),
+        ("keys.limits.reset", key["id"]),
+    ]
+    log = data(c.get("/admin/v1/audit", params={"key_id": key["id"], "limit": 3}, headers=ADMIN))
+    assert [e["detail"] for e in log["entries"]][1:] == [{}, {"max_waiting": 7}]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "sentence"),
+    [
+        ({"submit_rate": -1}, "submit_rate", "The submit rate must be from 0 (no limit)"),
+        ({"submit_rate": 1e7}, "submit_rate", "The submit rate must be from 0 (no limit)"),
+        ({"submit_burst": 0}, "submit_burst", "The burst must be from 1 to 1000000 submits."),
+        ({"submit_burst": 10**30}, "submit_burst", "The burst must be from 1"),
+        ({"max_waiting": 2**31}, "max_waiting", "The waiting tasks limit must be from 1"),
+        ({"submit_burst": "5"}, "submit_burst", None),
+        ({"submit_burst": 2.5}, "submit_burst", None),
+        ({"reset": "yes"}, "reset", None),
+        ({"burst": 5}, "burst", None),
+        ({"reset": True, "submit_rate": 2}, "reset", "Give either new limits or reset, not both."),
+        ({}, None, "Give submit_rate, submit_burst or max_waiting, or reset: true."),
+        ({"submit_rate": None}, None, "Give submit_rate, submit_burst or max_waiting"),
+    ],
+)
+def test_bad_limits_are_400_naming_the_field_and_change_nothing(
+    admin_api: InProcessApi, body: dict[str, Any], param: str | None, sentence: str | None
+) -> None:
+    key = create_key(admin_api)
+    url = f"/admin/v1/keys/{key['id']}/limits"
+    r = admin_api.client.put(url, json=body, headers=ADMIN)
+    error = native_error(r, 400, "invalid_request")
+    assert error["param"] == param, error
+    if sentence is not None:
+        assert error["message"].startswith(sentence), error
+    assert data(admin_api.client.get(url, headers=ADMIN))["own"] == []
+    assert [a for _, a, _ in audit_rows(admin_api)] == ["keys.create", "keys.limits.get"]
 
 
 # -- usage and the ledger -----------------------------------------------------------------

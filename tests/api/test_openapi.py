@@ -82,6 +82,8 @@ def test_every_operation_is_described(spec: dict[str, Any]) -> None:
         ("post", "/admin/v1/keys/{key_id}/credits/grant"),
         ("post", "/admin/v1/keys/{key_id}/credits/adjust"),
         ("get", "/admin/v1/keys/{key_id}/ledger"),
+        ("get", "/admin/v1/keys/{key_id}/limits"),
+        ("put", "/admin/v1/keys/{key_id}/limits"),
         ("get", "/admin/v1/usage"),
         ("get", "/admin/v1/ledger/export"),
         ("get", "/admin/v1/audit"),
@@ -169,7 +171,7 @@ def test_the_admin_api_has_its_own_tag_and_token_and_its_examples_work(
     spec: dict[str, Any], docs_api: InProcessApi
 ) -> None:
     admin_ops = [(m, p, op) for m, p, op in operations(spec) if p.startswith("/admin/")]
-    assert len(admin_ops) == 11
+    assert len(admin_ops) == 13
     for method, path, op in admin_ops:
         assert op["tags"] == ["admin"], (method, path)
         assert op["security"] == [{"adminToken": []}], (method, path)
@@ -180,15 +182,16 @@ def test_the_admin_api_has_its_own_tag_and_token_and_its_examples_work(
         "/admin/v1/keys", json={"name": "docs", "credits": 100}, headers=admin
     )
     key_id = made.json()["data"]["id"]
-    for path in (
-        "/admin/v1/keys",
-        "/admin/v1/keys/{key_id}/credits/grant",
-        "/admin/v1/keys/{key_id}/credits/adjust",
+    for method, path in (
+        ("post", "/admin/v1/keys"),
+        ("post", "/admin/v1/keys/{key_id}/credits/grant"),
+        ("post", "/admin/v1/keys/{key_id}/credits/adjust"),
+        ("put", "/admin/v1/keys/{key_id}/limits"),
     ):
-        op = spec["paths"][path]["post"]
+        op = spec["paths"][path][method]
         for example in media_examples(op["requestBody"]["content"]["application/json"]):
             url = path.replace("{key_id}", key_id)
-            r = docs_api.client.post(url, json=example, headers=admin)
+            r = docs_api.client.request(method.upper(), url, json=example, headers=admin)
             assert r.status_code == 200, (path, r.text)
 
 

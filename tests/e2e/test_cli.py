@@ -35,6 +35,9 @@ def test_keys_and_credits_lifecycle(tmp_path: Path, tiny_cache: Path) -> None:
     assert granted.returncode == 0 and "balance 16" in granted.stdout
     too_much = cli(tmp_path, env, "credits", "grant", key["id"], "-17")
     assert too_much.returncode == 1 and "Insufficient credits" in too_much.stderr
+    limited = cli(tmp_path, env, "keys", "limits", key["id"], "--burst", "4", "--json")
+    assert limited.returncode == 0 and json.loads(limited.stdout)["own"] == ["submit_burst"]
+    assert cli(tmp_path, env, "keys", "limits", key["id"]).returncode == 0  # a read: not logged
 
     listed = json.loads(cli(tmp_path, env, "keys", "list", "--json").stdout)
     assert [(k["name"], k["balance"], k["revoked"]) for k in listed] == [
@@ -77,6 +80,7 @@ def test_keys_and_credits_lifecycle(tmp_path: Path, tiny_cache: Path) -> None:
         ("keys.create", key["id"]),
         ("keys.create", listed[1]["id"]),
         ("credits.grant", key["id"]),
+        ("keys.limits.set", key["id"]),
         ("keys.revoke", key["id"]),
     ]
     assert {r.actor for r in rows} == {f"cli:{getpass.getuser()}"}

@@ -33,6 +33,42 @@ class CreditChange(BaseModel):
     note: str | None = Field(default=None, max_length=MAX_NOTE_CHARS)
 
 
+class KeyLimitsChange(BaseModel):
+    """Admin -> server: the body of PUT /admin/v1/keys/{id}/limits. The values given become the
+    key's own (the others keep theirs); `reset: true` drops all of them (the settings' again).
+    The ranges are checked by services/limits.py, as for `cogview-api keys limits`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    submit_rate: float | None = Field(
+        default=None,
+        description="Submits per second; 0 = no submit rate limit.",
+        json_schema_extra={"minimum": 0, "maximum": 1_000_000},
+    )
+    submit_burst: int | None = Field(
+        default=None,
+        description="Submits at once after a quiet spell.",
+        json_schema_extra={"minimum": 1, "maximum": 1_000_000},
+    )
+    max_waiting: int | None = Field(
+        default=None,
+        description="Tasks of the key waiting at once.",
+        json_schema_extra={"minimum": 1, "maximum": 2**31 - 1},
+    )
+    reset: bool = Field(default=False, description="Drop the key's own limits.")
+
+
+class KeyLimitsPublic(BaseModel):
+    """Server -> admin: a key's limits in effect; `own` names those that are the key's own
+    (the others are the server's settings)."""
+
+    key_id: str
+    submit_rate: float
+    submit_burst: int
+    max_waiting: int
+    own: list[str]
+
+
 class KeyAdmin(BaseModel):
     """Server -> admin: a key as the operator sees it (never its secret)."""
 

@@ -289,3 +289,19 @@ LEDGER_JSONL = (
     '{"id":1001,"created_at":"2026-11-20T09:30:00Z","key_id":"' + KEY_ID + '","kind":"grant",'
     '"amount":1000,"task_id":null,"quality":null,"surface":null,"note":"invoice 2026-117"}\n'
 )
+KEY_LIMITS_REQUESTS = {
+    "override": {
+        "summary": "Its own rate and burst (max_waiting stays as it is)",
+        "value": {"submit_rate": 2, "submit_burst": 5},
+    },
+    "no_rate": {"summary": "No submit rate limit for this key", "value": {"submit_rate": 0}},
+    "reset": {"summary": "Back to the server's settings", "value": {"reset": True}},
+}
+KEY_LIMITS = {
+    "key_id": KEY_ID,
+    "submit_rate": 2.0,
+    "submit_burst": 5,
+    "max_waiting": 100,
+    "own": ["submit_burst", "submit_rate"],
+}
+KEY_LIMITS_ANSWER = success(KEY_LIMITS)

@@ -1,7 +1,9 @@
 """Per-key limits: the settings' defaults, a key's own values over them, and setting those.
 
-Used by the submit (services/generation.py), the CLI (`cogview-api keys limits`) and any admin
-surface: each reads and sets a key's limits here, with the same checks.
+Used by the submit (services/generation.py), the CLI (`cogview-api keys limits`) and the admin
+API (`/admin/v1/keys/{id}/limits`): each reads and sets a key's limits here, with the same checks.
+Given an `actor` (the admin token's name, or `cli:<user>`), a read or a change writes its audit
+row in the same transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from cogview_api.config import Settings
 from cogview_api.domain import ApiKey
 from cogview_api.errors import InvalidRequest
+from cogview_api.store import audit as audit_store
 from cogview_api.store import keys as key_store
 from cogview_api.store.db import Database
 
@@ -48,10 +51,17 @@ def effective_limits(settings: Settings, key: ApiKey) -> KeyLimits:
     )
 
 
-def key_limits(db: Database, settings: Settings, key_id: str) -> KeyLimits:
+def key_limits(
+    db: Database, settings: Settings, key_id: str, *, actor: str | None = None
+) -> KeyLimits:
     """The key's limits in effect. NotFound for an unknown key."""
-    with db.read() as conn:
-        return effective_limits(settings, key_store.get_key(conn, key_id))
+    if actor is None:
+        with db.read() as conn:
+            return effective_limits(settings, key_store.get_key(conn, key_id))
+    with db.write() as conn:
+        key = key_store.get_key(conn, key_id)
+        audit_store.record(conn, actor=actor, action="keys.limits.get", key_id=key_id)
+        return effective_limits(settings, key)
 
 
 def set_key_limits(
@@ -63,6 +73,7 @@ def set_key_limits(
     submit_burst: int | None = None,
     max_waiting: int | None = None,
     reset: bool = False,
+    actor: str | None = None,
 ) -> KeyLimits:
     """Give the key its own values for the limits named (the others keep theirs), or with
     `reset`, drop all its own values (it follows the settings again). They hold from the key's
@@ -100,4 +111,11 @@ def set_key_limits(
             if changes
             else key_store.get_key(conn, key_id)
         )
+        if actor is not None:
+            action = "keys.limits.reset" if reset else "keys.limits.set"
+            if not changes:
+                action = "keys.limits.get"
+            audit_store.record(
+                conn, actor=actor, action=action, key_id=key_id, detail=given or None
+            )
         return effective_limits(settings, key)

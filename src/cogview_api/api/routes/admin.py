@@ -26,6 +26,8 @@ from cogview_api.api.admin_schemas import (
     KeyAdmin,
     KeyCreate,
     KeyCreated,
+    KeyLimitsChange,
+    KeyLimitsPublic,
     KeyList,
     WebhookSecretRotated,
 )
@@ -43,9 +45,10 @@ from cogview_api.api.schemas import Envelope, LedgerPage, UsageReportPublic
 from cogview_api.api.serving import bearer_secret
 from cogview_api.clock import utcnow
 from cogview_api.domain import ApiKey
-from cogview_api.errors import AuthenticationFailed, PermissionDenied
+from cogview_api.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from cogview_api.services import audit
 from cogview_api.services import keys as key_service
+from cogview_api.services import limits as limit_service
 from cogview_api.services import usage as usage_service
 from cogview_api.services.backends import Backends
 
@@ -194,6 +197,67 @@ async def rotate_webhook_secret(key_id: str, actor: Actor, backends: BackendsDep
     return Envelope[WebhookSecretRotated](
         data=WebhookSecretRotated(key_id=key_id, webhook_secret=secret)
     )
+
+
+BAD_BURST = f"The burst must be from 1 to {limit_service.MAX_SUBMIT_BURST} submits."
+NO_LIMITS = "Give submit_rate, submit_burst or max_waiting, or reset: true."
+
+
+def limits_public(limits: limit_service.KeyLimits) -> KeyLimitsPublic:
+    return KeyLimitsPublic(
+        key_id=limits.key_id,
+        submit_rate=limits.submit_rate,
+        submit_burst=limits.submit_burst,
+        max_waiting=limits.max_waiting,
+        own=sorted(limits.own),
+    )
+
+
+@router.get(
+    "/keys/{key_id}/limits",
+    response_model=Envelope[KeyLimitsPublic],
+    responses={200: json_200(examples.KEY_LIMITS_ANSWER), **errors(404)},
+    summary="A key's limits in effect (its own, or the server's settings)",
+)
+async def get_key_limits(
+    key_id: str, actor: Actor, backends: BackendsDep, settings: SettingsDep
+) -> Any:
+    limits = await run_in_threadpool(
+        lambda: limit_service.key_limits(backends.db, settings, key_id, actor=actor)
+    )
+    return Envelope[KeyLimitsPublic](data=limits_public(limits))
+
+
+@router.put(
+    "/keys/{key_id}/limits",
+    response_model=Envelope[KeyLimitsPublic],
+    responses={
+        200: json_200(examples.KEY_LIMITS_ANSWER),
+        **errors(400, 404, 413, bad=("submit_burst", BAD_BURST)),
+    },
+    openapi_extra={"requestBody": json_request_body(KeyLimitsChange, examples.KEY_LIMITS_REQUESTS)},
+    summary="Set a key's own limits, or reset them to the settings' (from its next submit)",
+)
+async def put_key_limits(
+    key_id: str, request: Request, actor: Actor, backends: BackendsDep, settings: SettingsDep
+) -> Any:
+    body = await read_body(request, KeyLimitsChange)
+    values = (body.submit_rate, body.submit_burst, body.max_waiting)
+    if not body.reset and all(v is None for v in values):
+        raise InvalidRequest(NO_LIMITS)
+    limits = await run_in_threadpool(
+        lambda: limit_service.set_key_limits(
+            backends.db,
+            settings,
+            key_id,
+            submit_rate=body.submit_rate,
+            submit_burst=body.submit_burst,
+            max_waiting=body.max_waiting,
+            reset=body.reset,
+            actor=actor,
+        )
+    )
+    return Envelope[KeyLimitsPublic](data=limits_public(limits))
 
 
 async def _move(
