@@ -41,6 +41,9 @@ TEST_ENV = {
     "COGVIEW_STEPS_STANDARD": "1",
     "COGVIEW_POLL_INTERVAL": "0.1",
     "COGVIEW_LOG_LEVEL": "warning",
+    # The subprocess's own folder (its cwd), as the tests read the files there; the default
+    # is the user's data folder.
+    "COGVIEW_DATA_DIR": "cogview-data",
 }
 
 EXAMPLE_BODY = {

@@ -11,16 +11,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cogview_api import __version__
 from cogview_api.config import Settings
-from cogview_api.errors import CogviewError, EngineLoadError
+from cogview_api.errors import CogviewError, EngineLoadError, StartError
 from cogview_api.services import keys as key_service
 from cogview_api.services import limits as limit_service
 from cogview_api.services.limits import KeyLimits
-from cogview_api.store.db import Database
+from cogview_api.store.db import Database, describe_database
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogview-api", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="API + try-it page + in-process worker(s)")
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = keys.add_parser("create", help="create a key; prints it once")
     create.add_argument("--name", required=True)
-    create.add_argument("--credits", type=int, default=0)
+    create.add_argument("--credits", type=int, default=0, help="starting balance (default 0)")
     create.add_argument("--json", action="store_true")
     lst = keys.add_parser("list", help="list keys")
     lst.add_argument("--json", action="store_true")
@@ -83,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("amount", type=int)
     grant.add_argument("--note")
     return p
+
+
+# Key ids are "key_" and 16 characters (store/keys.py); the header lines up with them.
+ID_WIDTH = 20
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -150,8 +156,31 @@ def _print_limits(limits: KeyLimits, *, as_json: bool) -> None:
         print(f"  {name:13s} {shown:>12s}  {origin}")
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown flag is reported with the usage of the command it was given
+    to (`serve --bad-flag` shows serve's flags), not the top level's."""
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The innermost parser of the command `args` names (`keys create`'s, `serve`'s)."""
+    for dest in ("command", "keys_command", "credits_command"):
+        name = getattr(args, dest, None)
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subs:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         settings = _settings(args)
     except ValidationError as exc:
@@ -163,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _run(args, settings)
-    except EngineLoadError as exc:
+    except (EngineLoadError, StartError) as exc:
         print(f"cogview-api: {exc.message}", file=sys.stderr)
         return 2
     except CogviewError as exc:
@@ -175,7 +204,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in ("serve", "worker"):
         from cogview_api import server
 
-        server.configure_logging(settings.log_level)
+        server.configure_logging(settings.log_level, settings.log_format)
         try:
             if args.command == "serve":
                 server.serve(settings)
@@ -185,6 +214,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             pass
         return 0
     db = _db(settings)
+    # On stderr, so --json output stays one JSON document: which database this command used
+    # (two databases by accident are the first surprise a new operator meets).
+    print(f"cogview-api: database {describe_database(settings.database_url)}", file=sys.stderr)
     if args.command == "migrate":
         print("database schema is up to date")
     elif args.command == "keys" and args.keys_command == "create":
@@ -198,6 +230,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"created {key.id} ({key.name}) with {key.balance} credits")
             print(f"API key (shown once, store it now): {secret}")
             print(f"webhook signing secret (shown once, verifies callback_url POSTs): {signing}")
+        if key.balance == 0:
+            print(
+                f"note: {key.id} has 0 credits, so its generations get 402 until you grant some:"
+                f" cogview-api credits grant {key.id} 100",
+                file=sys.stderr if args.json else sys.stdout,
+            )
     elif args.command == "keys" and args.keys_command == "rotate-webhook-secret":
         signing = key_service.rotate_webhook_secret(db, args.key_id, actor=_actor())
         if args.json:
@@ -209,6 +247,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(json.dumps(keys))
         else:
+            print(f"{'ID':<{ID_WIDTH}}  {'PREFIX':<11}  {'BALANCE':>8}  {'STATE':8}  NAME")
             for k in keys:
                 state = "revoked" if k["revoked"] else "active"
                 print(f"{k['id']}  {k['prefix']}…  {k['balance']:>8}  {state:8}  {k['name']}")

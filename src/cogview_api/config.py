@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,14 @@ def parse_size_list(text: str) -> list[tuple[int, int]]:
     return [(size.width, size.height) for size in sizes]
 
 
+def default_data_dir() -> Path:
+    """Where the database and the images live unless told otherwise: the user's data folder
+    (`$XDG_DATA_HOME/cogview-api`, by default `~/.local/share/cogview-api`), the same from any
+    current directory, so `keys create` run elsewhere finds the database `serve` uses."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cogview-api"
+
+
 # The hosts answered when neither COGVIEW_PUBLIC_URL nor COGVIEW_TRUSTED_HOSTS is set.
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -35,9 +44,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="COGVIEW_", extra="ignore")
 
-    # Where things live.
-    database_url: str = "sqlite:///./cogview-data/cogview.db"
-    storage_url: str = "file://./cogview-data/images"  # or s3://bucket/prefix
+    # Where things live. Unset database_url and storage_url are `data_dir`'s cogview.db and
+    # images/; a relative data_dir is taken from the current directory at the start.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str = ""  # sqlite:///<data_dir>/cogview.db, or postgresql://...
+    storage_url: str = ""  # file://<data_dir>/images, or s3://bucket/prefix
     s3_endpoint_url: str | None = None  # an S3-compatible service (MinIO, ...); unset: AWS
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cogview-api")
     public_url: str | None = None
@@ -118,6 +129,10 @@ class Settings(BaseSettings):
     # of its own exporter, which it has only when this is set.
     metrics: bool = True
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # text: one readable line per record; json: one JSON object per line, for log shippers.
+    log_format: Literal["text", "json"] = "text"
+    # One info line per HTTP request (method, path, status, milliseconds, request id).
+    access_log: bool = False
     # A comment line on an idle event stream this often, so proxies keep the connection open.
     sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)
     # How long the synchronous OpenAI and Zhipu routes hold a request for its task; under the
@@ -186,6 +201,15 @@ class Settings(BaseSettings):
     @property
     def webhook_retry_delays(self) -> tuple[float, ...]:
         return parse_retry_schedule(self.webhook_retry_schedule)
+
+    @model_validator(mode="after")
+    def _places(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'cogview.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.data_dir / 'images'}"
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -281,6 +281,7 @@ class Task:
     images: tuple[ImageRecord, ...] = ()
     queue_position: int | None = None
     base_url: str | None = None  # image URLs' base as the submitter saw it (for webhooks)
+    request_id: str | None = None  # X-Request-ID of the request that created it (for logs)
     webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
 
     def __post_init__(self) -> None:

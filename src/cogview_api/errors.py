@@ -15,6 +15,7 @@
     ├── TaskFailed                500 server_error         (a synchronous request's task failed)
     │   └── TaskCancelled         409 conflict             (... or was cancelled meanwhile)
     ├── WaitTimedOut              504 timeout              (a synchronous request's task is late)
+    ├── StartError                (serve/worker cannot start: its port is taken; the CLI exits 2)
     └── EngineError               500 server_error         (raised by engines; fails one task)
         ├── EngineOutOfMemory
         └── EngineLoadError       (model cannot be loaded; the CLI prints it and exits)
@@ -146,6 +147,10 @@ class WaitTimedOut(CogviewError):
 
     status = 504
     type = "timeout"
+
+
+class StartError(CogviewError):
+    """The service cannot start as configured (its port is taken); never reaches HTTP."""
 
 
 class EngineError(CogviewError):

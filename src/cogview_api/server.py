@@ -14,21 +14,24 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
 from uvicorn.supervisors import Multiprocess
 
-from cogview_api import metrics
+from cogview_api import __version__, metrics
 from cogview_api.api.app import create_app
 from cogview_api.api.http_server import http_config
 from cogview_api.api.present import webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
-from cogview_api.errors import ServiceUnavailable
+from cogview_api.errors import ServiceUnavailable, StartError
+from cogview_api.log_context import ContextFilter, TextFormatter
 from cogview_api.services.backends import Backends
 from cogview_api.services.metrics import queue_snapshot
 from cogview_api.services.signals import TaskSignals
 from cogview_api.storage import open_storage
 from cogview_api.store import keys as key_store
-from cogview_api.store.db import Database
+from cogview_api.store.db import Database, describe_database
 from cogview_api.store.notify import Listener
 from cogview_api.webhooks.dispatcher import Dispatcher
 from cogview_api.worker.loop import Worker
@@ -50,11 +53,27 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
+# python-json-logger adds the records' extra fields (request_id, task_id, a finished task's
+# figures) as keys of their own.
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+JSON_RENAMES = {"asctime": "time", "levelname": "level", "name": "logger"}
+# uvicorn's records carry an ANSI-coloured copy of their message: not for a log shipper.
+JSON_RESERVED = [*RESERVED_ATTRS, "color_message"]
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """The root handler, in `fmt` (text or json), with the request and task ids on every line;
+    uvicorn's loggers are left unconfigured (log_config=None) so they come through it too."""
+    handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMES, reserved_attrs=JSON_RESERVED)
+        )
+    else:
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for noisy in ("httpx", "diffusers", "transformers", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Importing diffusers imports torchao when it is installed (the int8 extra), and that import
@@ -79,7 +98,74 @@ def load_engines(settings: Settings, count: int) -> list[Engine]:
     return engines
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a taken port in a second, before minutes of loading a model: bind it as uvicorn
+    will (SO_REUSEADDR, so a port left in TIME_WAIT by a stopped server counts as free)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise StartError(f"cannot listen on {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise StartError(
+                f"port {port} on {host} is taken ({exc.strerror}): stop what runs there, or "
+                "choose another with --port (COGVIEW_PORT)."
+            ) from exc
+
+
+def _reachable_host(host: str) -> str:
+    """A listening address as a URL's host: 0.0.0.0 and :: mean every address of this machine,
+    of which 127.0.0.1 works from here."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def base_url(settings: Settings) -> str:
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return f"http://{_reachable_host(settings.host)}:{settings.port}"
+
+
+def log_start(settings: Settings, engines: list[Engine]) -> None:
+    """Once, at the start: what runs where, and where to point a browser."""
+    model = settings.model + (" (random weights: its images are noise)" if settings.is_tiny else "")
+    if engines:
+        devices = ", ".join(e.device for e in engines)
+        workers = f"{len(engines)} in-process worker(s) on {devices}"
+    else:
+        workers = "no in-process worker (tasks wait for `cogview-api worker` processes)"
+    base = base_url(settings)
+    log.info(
+        "cogview-api %s: model %s, %s; database %s; images %s; %d HTTP process(es) on %s:%d",
+        __version__,
+        model,
+        workers,
+        describe_database(settings.database_url),
+        settings.storage_url,
+        settings.http_processes,
+        settings.host,
+        settings.port,
+    )
+    log.info("try-it page %s/ ; API docs %s/docs ; %s", base, base, metrics_place(settings, base))
+
+
+def metrics_place(settings: Settings, base: str) -> str:
+    if not settings.metrics:
+        return "metrics off (COGVIEW_METRICS=false)"
+    if settings.metrics_port is not None:  # its own listener, on COGVIEW_HOST
+        return f"metrics http://{_reachable_host(settings.host)}:{settings.metrics_port}/metrics"
+    return f"metrics {base}/metrics"
+
+
 def serve(settings: Settings) -> None:
+    check_port_free(settings.host, settings.port)
     if settings.metrics and settings.http_processes > 1:
         share_metrics_between_processes()
     db = Database(settings.database_url)
@@ -116,6 +202,7 @@ def serve(settings: Settings) -> None:
     warn_about_hosts(settings)
     try:
         if settings.http_processes > 1:
+            log_start(settings, engines)
             serve_http_processes(settings)  # each HTTP process builds its own app
         else:
             app = create_app(
@@ -125,13 +212,15 @@ def serve(settings: Settings) -> None:
                 signals=signals,
                 live_workers=(lambda: sum(t.live for t in threads)) if threads else None,
             )
+            log_start(settings, engines)
             config = http_config(
                 app,
                 settings,
                 host=settings.host,
                 port=settings.port,
                 log_level=settings.log_level,
-                access_log=settings.log_level == "debug",
+                log_config=None,  # configure_logging's handler, in the chosen format
+                access_log=False,  # ours (COGVIEW_ACCESS_LOG) carries the request id
             )
             _Server(config, signals).run()
     finally:
@@ -187,7 +276,8 @@ def serve_http_processes(settings: Settings) -> None:
         port=settings.port,
         workers=settings.http_processes,
         log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
+        log_config=None,
+        access_log=False,
     )
     # What uvicorn.run does for workers > 1, with our config (it builds its own from keywords).
     Multiprocess(config, sockets=[config.bind_socket()]).run()
@@ -196,7 +286,7 @@ def serve_http_processes(settings: Settings) -> None:
 def http_process_app() -> FastAPI:
     """The app of one HTTP process of `serve --http-processes N` (uvicorn imports it there)."""
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 
 
@@ -254,6 +344,14 @@ def run_worker(settings: Settings) -> None:
     storage = open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     (engine,) = load_engines(settings, 1)
     worker = Worker(settings=settings, db=db, storage=storage, engine=engine)
+    log.info(
+        "cogview-api %s worker: model %s on %s; database %s; images %s",
+        __version__,
+        settings.model,
+        engine.device,
+        describe_database(settings.database_url),
+        settings.storage_url,
+    )
     stopping = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:

@@ -200,6 +200,9 @@ def test_insufficient_credits_is_402_and_writes_nothing(api: InProcessApi) -> No
     key = api.make_key(credits=7)  # one hd image costs 4; two cost 8
     r = api.client.post("/api/v1/images/generations", json=body(n=2), headers=auth(key))
     assert_error(r, 402, "insufficient_credits")
+    assert r.json()["error"]["message"] == (
+        "Insufficient credits: this request costs 8 credits and the key's balance is 7."
+    )
     assert_nothing_written(api, key, 7)
 
 

@@ -166,10 +166,11 @@ def test_insufficient_credits_is_402_in_each_envelope(api: InProcessApi) -> None
     key = api.make_key(credits=7)  # 4 credits an image
     r = api.client.post(OPENAI, json=openai_body(n=2), headers=auth(key))
     err = assert_openai_error(r, 402, "insufficient_quota", code="insufficient_quota")
-    assert "credit" in err["message"].lower()
+    assert "costs 8 credits and the key's balance is 7" in err["message"]
     poor = api.make_key(credits=3, name="poor")
     r = api.client.post(ZHIPU, json=ZHIPU_BODY, headers=auth(poor))
     assert_zhipu_error(r, 402, "1113")
+    assert "costs 4 credits and the key's balance is 3" in r.json()["error"]["message"]
     assert_nothing_written(api, key, 7)
     assert_nothing_written(api, poor, 3)
 

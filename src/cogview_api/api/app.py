@@ -80,6 +80,7 @@ def create_app(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,
         allowed_hosts=settings.allowed_hosts(),
+        access_log=settings.access_log,
     )
     if settings.metrics:  # outermost: it also counts what RequestGuard refuses
         app.add_middleware(HttpMetrics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -34,8 +35,10 @@ from cogview_api.errors import (
     TaskFailed,
     WaitTimedOut,
 )
+from cogview_api.log_context import request_id_var, valid_request_id
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("cogview_api.access")
 
 Surface = Literal["native", "openai", "zhipu"]
 
@@ -182,41 +185,91 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
+        # Starlette runs this outside RequestGuard: the id goes on the line and the answer here.
         rid = request.scope.get("state", {}).get("request_id", "-")
-        log.exception("unhandled error, request id %s", rid)
+        log.exception("unhandled error, request id %s", rid, extra={"request_id": rid})
         return error_response(
-            500, "server_error", f"Internal server error (request id {rid}).", path=request.url.path
+            500,
+            "server_error",
+            f"Internal server error (request id {rid}).",
+            headers={"X-Request-ID": rid},
+            path=request.url.path,
         )
 
 
 class RequestGuard:
-    """Pure ASGI middleware: gives each request an id, and refuses bodies over the limit
-    with 413 before any route sees them (also for chunked bodies with no Content-Length)."""
+    """Pure ASGI middleware: gives each request an id (a valid incoming `X-Request-ID`, else
+    ours), binds it for the request's log lines and returns it on every answer; refuses bodies
+    over the limit with 413 before any route sees them (also for chunked bodies with no
+    Content-Length); with `access_log`, one info line per request once it is answered."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, allowed_hosts: frozenset[str] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        allowed_hosts: frozenset[str] | None = None,
+        access_log: bool = False,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.allowed_hosts = allowed_hosts
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # A request id names a request in logs and answers; it guards nothing, so it comes from
-        # the process's Mersenne Twister (reseeded by Python in a forked child), not the OS's
-        # random source: secrets.token_hex was a system call per request, 5% of a poll's CPU.
-        rid = f"{random.getrandbits(64):016x}"
+        headers = dict(scope.get("headers") or [])
+        # A request id names a request in logs and answers; it guards nothing, so ours comes
+        # from the process's Mersenne Twister (reseeded by Python in a forked child), not the
+        # OS's random source: secrets.token_hex was a system call per request, 5% of a poll's CPU.
+        rid = valid_request_id(headers.get(b"x-request-id")) or f"{random.getrandbits(64):016x}"
         scope.setdefault("state", {})["request_id"] = rid
+        token = request_id_var.set(rid)
+        try:
+            if self.access_log:
+                await self._logged(scope, receive, send, headers, rid)
+            else:
+                await self._guarded(scope, receive, send, headers, rid)
+        finally:
+            request_id_var.reset(token)
+
+    async def _logged(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], rid: str
+    ) -> None:
+        started = time.perf_counter()
+        status = 0
+
+        async def send_seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_seen, headers, rid)
+        finally:
+            access_log.info(
+                "%s %s %s %.1f ms",
+                scope["method"],
+                scope["path"],
+                status or "-",
+                (time.perf_counter() - started) * 1000,
+                extra={"method": scope["method"], "path": scope["path"], "status": status},
+            )
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], rid: str
+    ) -> None:
+        header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                message["headers"] = [*message["headers"], header]
             await send(message)
 
-        headers = dict(scope.get("headers") or [])
         if self.allowed_hosts is not None and scope["path"] not in UNCHECKED_HOST_PATHS:
             host = _host_name(headers.get(b"host", b""))
             if host not in self.allowed_hosts:

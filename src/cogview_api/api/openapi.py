@@ -58,7 +58,11 @@ ERROR_DOCS: dict[int, tuple[str, tuple[str, str, str | None]]] = {
     ),
     402: (
         "The balance is below the price of the request.",
-        ("insufficient_credits", "Insufficient credits for this request.", None),
+        (
+            "insufficient_credits",
+            "Insufficient credits: this request costs 8 credits and the key's balance is 4.",
+            None,
+        ),
     ),
     403: (
         "The API key was revoked.",

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REAL_MODEL_GPU_GB = 40  # everything resident in bf16 at ~1 MP (bench/memory_estimate.py: ~34-38 GB)
+# GLM off the GPU (offload / cpu): ~17-21 GB at ~1 MP, so a 24 GB card (README's table).
+SMALL_GPU_GB = 24
 
 
 def resolve_device(requested: str) -> str:
@@ -74,9 +76,10 @@ class CogView4Engine:
         else:
             if not device.startswith("cuda"):
                 raise EngineLoadError(
-                    "The real CogView4-6B model needs a CUDA GPU with about "
-                    f"{REAL_MODEL_GPU_GB} GB of memory and none was found; run with --model tiny "
-                    "to try the API without a GPU, or start on a machine with one."
+                    f"The real CogView4-6B model needs a CUDA GPU (about {REAL_MODEL_GPU_GB} GB"
+                    f" with everything resident, or {SMALL_GPU_GB} GB with"
+                    " COGVIEW_TEXT_ENCODER=offload or cpu) and none was found; run with"
+                    " --model tiny to try the API without a GPU, or start on a machine with one."
                 )
             if settings.model == FULL_RANDOM_MODEL:  # the real architecture, random weights
                 from cogview_api.engine.full_random import build_full_random_pipeline

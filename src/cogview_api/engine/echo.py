@@ -8,6 +8,9 @@ per seed, the job's size) without torch, and appends one line per job to
 `<cache_dir>/echo-calls/<pid>.txt` ("task_id batch_size") when a batch starts, so a test can
 count how often each task was run and by which process. `COGVIEW_TEST_ECHO_STEP_SECONDS`
 (default 0) sleeps per step, so a test can catch a worker in the middle of a batch.
+
+A prompt containing `FAIL_MARKER` ("[echo:fail]") makes the engine raise EngineError for its
+batch, as a real engine does on a GPU fault: the tests' way to fail a task in a real process.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.errors import EngineError
 
 if TYPE_CHECKING:
     from cogview_api.config import Settings
 
 ECHO_MODEL = "test-echo"
 STEP_SECONDS_ENV = "COGVIEW_TEST_ECHO_STEP_SECONDS"
+FAIL_MARKER = "[echo:fail]"
 
 
 def calls_dir(cache_dir: Path) -> Path:
@@ -45,6 +50,8 @@ class EchoEngine:
     def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
         with open(self.log_dir / f"{os.getpid()}.txt", "a") as log:
             log.write("".join(f"{job.task_id} {len(jobs)}\n" for job in jobs))
+        if any(FAIL_MARKER in job.prompt for job in jobs):
+            raise EngineError("The test-echo engine was asked to fail this batch.")
         live = {job.task_id for job in jobs}
         for step in range(1, max(job.steps for job in jobs) + 1):
             if self.step_seconds:

@@ -20,6 +20,7 @@ from cogview_api.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from cogview_api.log_context import current_request_id
 from cogview_api.services import paging
 from cogview_api.services.keys import authenticate_in, usable_key
 from cogview_api.services.limits import effective_limits
@@ -241,6 +242,7 @@ def _insert(
         base_url=base_url,
         batch_size=settings.max_batch_size,
         surface=surface,
+        request_id=current_request_id(),  # the request's, bound by the API's middleware
     )
     states.append(task_store.waiting_state(limits.max_waiting, waiting))
     return task, tuple(states)

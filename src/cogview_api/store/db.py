@@ -218,3 +218,8 @@ _TRANSIENT_SQLSTATES = ("08", "57P", "40001", "40P01")
 def _is_transient(exc: OperationalError) -> bool:
     sqlstate = getattr(exc.orig, "sqlstate", None) or ""
     return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+
+
+def describe_database(url: str) -> str:
+    """The database URL as it may be printed: without its password."""
+    return make_url(url).render_as_string(hide_password=True)

@@ -138,12 +138,20 @@ def add_credits(
         _GRANT_CREDITS if grant else _MOVE_CREDITS, {"key_id": key_id, "amount": amount}
     )
     if result.rowcount != 1:
-        get_key(conn, key_id)  # NotFound for an unknown key
+        balance = get_key(conn, key_id).balance  # NotFound for an unknown key
         if grant:
             raise InvalidRequest(
                 f"A key holds at most {MAX_CREDITS} credits; this would pass it.", param="amount"
             )
-        raise InsufficientCredits("Insufficient credits for this request.")
+        if kind == "reserve":
+            raise InsufficientCredits(
+                f"Insufficient credits: this request costs {-amount} credits and the key's "
+                f"balance is {balance}."
+            )
+        raise InsufficientCredits(
+            f"Insufficient credits: the key's balance is {balance}; taking {-amount} would "
+            "go below zero."
+        )
     conn.execute(
         _INSERT_LEDGER,
         {

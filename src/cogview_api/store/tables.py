@@ -123,6 +123,8 @@ tasks = Table(
     # The base of image URLs as the submitter saw them, for webhook bodies rendered later,
     # away from any request.
     Column("base_url", Text, nullable=True),
+    # X-Request-ID of the creating request: the worker's log lines about the task carry it.
+    Column("request_id", String(128), nullable=True),
     Column("step", Integer, nullable=False, default=0),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False),

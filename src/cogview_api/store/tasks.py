@@ -105,6 +105,7 @@ def insert_task(
     base_url: str | None = None,
     batch_size: int = 1,
     surface: str = "native",
+    request_id: str | None = None,
 ) -> Task:
     """Reserve `price` credits and enqueue the task, in the caller's one transaction. Returns
     the task as written (not read back), with its queue position.
@@ -127,6 +128,7 @@ def insert_task(
         base_url=base_url,
         batch_size=batch_size,
         surface=surface,
+        request_id=request_id,
     )[0]
 
 
@@ -144,6 +146,7 @@ def insert_task_counted(
     base_url: str | None = None,
     batch_size: int = 1,
     surface: str = "native",
+    request_id: str | None = None,
 ) -> tuple[Task, int]:
     """`insert_task`, and how many of the key's tasks wait with this one (counted up to
     `max_waiting_per_key`; 0 without it)."""
@@ -187,6 +190,7 @@ def insert_task_counted(
         "callback_url": request.callback_url,
         "base_url": base_url,
         "surface": surface,
+        "request_id": request_id,
         "step": 0,
         "attempts": 0,
         "max_attempts": max_attempts,
@@ -514,6 +518,7 @@ def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
         user_id=m["user_id"],
         callback_url=m["callback_url"],
         base_url=m["base_url"],
+        request_id=m["request_id"],
         step=m["step"],
         attempts=m["attempts"],
         credits_charged=int(m["credits_charged"]),

@@ -23,6 +23,7 @@ from cogview_api.config import Settings
 from cogview_api.domain import BatchKey, ImageRecord, Stage, Task, new_image_token
 from cogview_api.engine import Engine, EngineJob
 from cogview_api.errors import CogviewError, EngineError
+from cogview_api.log_context import task_context
 from cogview_api.media import CONTENT_TYPES
 from cogview_api.storage import ImageStorage
 from cogview_api.store import queue
@@ -225,27 +226,66 @@ class Worker:
         self._meter = BatchMeter(batch)
         renewer = _LeaseRenewer(self, ids)
         renewer.start()
+        started = time.monotonic()
         try:
             jobs = [EngineJob.from_task(t) for t in batch]
             try:
                 results = self.engine.generate(jobs, self._progress)
             except EngineError as exc:
-                log.warning("engine failed on batch %s: %s", ids, exc.message)
                 for t in batch:
-                    self._fail(t, exc.message)
+                    with task_context(t.id, t.request_id):
+                        log.warning("engine failed on this task's batch: %s", exc.message)
+                        self._fail(t, exc.message)
+                        self._log_done(t, "failed", started, len(batch))
                 return
             except Exception:  # a bug in the engine must not take the worker down
                 log.exception("unexpected engine failure on batch %s", ids)
                 for t in batch:
-                    self._fail(t, "The engine failed on this task.")
+                    with task_context(t.id, t.request_id):
+                        log.error("engine failed on this task's batch (traceback above)")
+                        self._fail(t, "The engine failed on this task.")
+                        self._log_done(t, "failed", started, len(batch))
                 return
             for task, imgs in zip(batch, results, strict=True):
-                if imgs:
-                    self._finish(task, imgs)
-                else:  # the engine stopped it: cancelled, or its lease went to another worker
-                    log.info("task %s stopped: no longer held by worker %s", task.id, self.id)
+                with task_context(task.id, task.request_id):
+                    if imgs:
+                        outcome = self._finish(task, imgs)
+                    else:  # the engine stopped it: cancelled, or its lease went to another worker
+                        log.info("task %s stopped: no longer held by worker %s", task.id, self.id)
+                        outcome = "stopped"
+                    self._log_done(task, outcome, started, len(batch))
         finally:
             renewer.stop()
+
+    def _log_done(self, task: Task, outcome: str, started: float, batch_size: int) -> None:
+        """The one info line per task this worker ran: what it was, how long it waited and ran,
+        how it ended (completed, failed, or stopped: cancelled or no longer this worker's).
+        Never the prompt."""
+        run_s = time.monotonic() - started
+        wait_s = (task.started_at - task.created_at).total_seconds() if task.started_at else 0.0
+        images = task.n if outcome == "completed" else 0
+        log.info(
+            "task %s %s: %dx%d %s, %d image(s), waited %.2f s, ran %.2f s (batch of %d)",
+            task.id,
+            outcome,
+            task.width,
+            task.height,
+            task.quality,
+            images,
+            wait_s,
+            run_s,
+            batch_size,
+            extra={
+                "outcome": outcome,
+                "size": f"{task.width}x{task.height}",
+                "quality": str(task.quality),
+                "images": images,
+                "queue_wait_s": round(wait_s, 3),
+                "run_s": round(run_s, 3),
+                "batch_size": batch_size,
+                "attempt": task.attempts,
+            },
+        )
 
     def _progress(self, task_id: str, stage: str, step: int) -> bool:
         """Record a step. False when the task is no longer this worker's to run (cancelled, or
@@ -261,7 +301,8 @@ class Worker:
             log.warning("progress of task %s not recorded: %s", task_id, exc.message)
             return True
 
-    def _finish(self, task: Task, imgs: Sequence[Image]) -> None:
+    def _finish(self, task: Task, imgs: Sequence[Image]) -> str:
+        """Store the images and complete the task; returns the outcome for the task's line."""
         records: list[ImageRecord] = []
         try:
             with self.db.write() as conn:
@@ -270,7 +311,7 @@ class Worker:
                 )
             if not held:  # cancelled (or lease lost) while decoding: store nothing
                 log.info("task %s stopped before saving: no longer held by %s", task.id, self.id)
-                return
+                return "stopped"
             storing = time.perf_counter()
             for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
                 token = new_image_token()
@@ -305,12 +346,14 @@ class Worker:
                 self._meter.stored(time.perf_counter() - storing)
                 self._meter.completed(task)
             self._settled(task.id)
+            return "completed" if done else "stopped"
         except Exception:
             log.exception("could not store the images of task %s", task.id)
             # Files written, but was the task settled with them? A database that dropped the
             # connection may or may not have committed; decided at the next look (_sweep).
             self._unrecorded.extend(records)
             self._fail(task, "The images could not be stored.")
+            return "failed"
 
     def _sweep_unrecorded(self) -> None:
         """Delete stored files whose task was not completed with them (the completing write
