@@ -7,6 +7,7 @@ import getpass
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -200,7 +201,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+# The default data folder before COGVIEW_DATA_DIR: `./cogview-data` of the current directory.
+OLD_DEFAULT_DATABASE = Path("cogview-data") / "cogview.db"
+
+
+def _warn_about_old_default(settings: Settings) -> None:
+    """A database at the old default place, here, while this command uses another: say so once,
+    rather than let an upgraded operator wonder where the keys went."""
+    old = OLD_DEFAULT_DATABASE.absolute()
+    if old.is_file() and settings.database_url != f"sqlite:///{old}":
+        print(
+            f"cogview-api: note: {old} (the default place before COGVIEW_DATA_DIR) is not the "
+            f"database this command uses; set COGVIEW_DATA_DIR={old.parent} to use it.",
+            file=sys.stderr,
+        )
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    _warn_about_old_default(settings)
     if args.command in ("serve", "worker"):
         from cogview_api import server
 
