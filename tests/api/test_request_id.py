@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 
 import pytest
 
+from cogview_api.log_context import ContextFilter
 from cogview_api.store import tasks as task_store
-from tests.support import EXAMPLE_BODY, InProcessApi, auth
+from tests.conftest import make_settings
+from tests.support import EXAMPLE_BODY, InProcessApi, auth, in_process_api
 
 OURS = re.compile(r"[0-9a-f]{16}")
 
@@ -75,3 +79,24 @@ def test_the_task_remembers_the_request_that_created_it(api: InProcessApi) -> No
     assert ours.request_id == plain.headers["x-request-id"]
     # Not part of the task object a client sees: the answer's header is where it lives.
     assert "request_id" not in r.json()["data"]
+
+
+def test_a_bug_is_answered_and_logged_with_the_request_id(
+    tmp_path: Path, tiny_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, tiny_cache, access_log=True)
+    caplog.handler.addFilter(ContextFilter())  # as configure_logging's handler has it
+    with in_process_api(settings) as api, caplog.at_level(logging.INFO):
+
+        def boom() -> None:
+            raise RuntimeError("a bug")
+
+        api.app.add_api_route("/boom", boom)
+        r = api.client.get("/boom", headers={"X-Request-ID": "boom-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "boom-1"
+    assert r.json()["error"]["message"] == "Internal server error (request id boom-1)."
+    (bug,) = [rec for rec in caplog.records if rec.name == "cogview_api.api.errors"]
+    assert bug.request_id == "boom-1" and bug.exc_info is not None  # type: ignore[attr-defined]
+    (line,) = [rec for rec in caplog.records if rec.name == "cogview_api.access"]
+    assert line.getMessage().startswith("GET /boom 500 ")
+    assert line.request_id == "boom-1"  # type: ignore[attr-defined]

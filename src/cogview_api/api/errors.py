@@ -249,6 +249,9 @@ class RequestGuard:
 
         try:
             await self._guarded(scope, receive, send_seen, headers, rid)
+        except Exception:
+            status = status or 500  # answered by the 500 handler, outside this middleware
+            raise
         finally:
             access_log.info(
                 "%s %s %s %.1f ms",
