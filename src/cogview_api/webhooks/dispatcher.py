@@ -32,6 +32,7 @@ from cogview_api.addresses import (
 from cogview_api.config import Settings
 from cogview_api.domain import Task
 from cogview_api.errors import CogviewError
+from cogview_api.log_context import task_context
 from cogview_api.metrics import instruments
 from cogview_api.store import tasks as task_store
 from cogview_api.store import webhooks as delivery_store
@@ -120,7 +121,11 @@ class Dispatcher:
     def _deliver(self, delivery: delivery_store.DueDelivery) -> None:
         """Attempt one delivery and record it as soon as it is done, whatever the others do.
         A record that cannot be written leaves the delivery to be claimed again after its
-        lease (at least once)."""
+        lease (at least once). Its log lines carry the task's id."""
+        with task_context(delivery.task_id, None):
+            self._deliver_in_context(delivery)
+
+    def _deliver_in_context(self, delivery: delivery_store.DueDelivery) -> None:
         status, error = self._attempt(delivery)
         instruments().webhook_attempts.labels(attempt_outcome(status, error)).inc()
         try:
