@@ -62,4 +62,6 @@ def test_the_cli_refuses_a_huge_amount_in_one_sentence(tmp_path: Path, tiny_cach
     )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
-    assert out.stderr.strip() == f"cogview-api: credits must be at most {MAX}"
+    database, refusal = out.stderr.strip().splitlines()  # every command names its database
+    assert database.startswith("cogview-api: database sqlite:///")
+    assert refusal == f"cogview-api: credits must be at most {MAX}"

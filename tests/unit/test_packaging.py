@@ -133,7 +133,7 @@ def test_a_model_start_without_the_engine_extra_says_what_to_install(tmp_path: P
 
         from cogview_api import cli
 
-        sys.exit(cli.main(["serve", "--model", "tiny", "--workers", "1"]))
+        sys.exit(cli.main(["serve", "--model", "tiny", "--workers", "1", "--port", "0"]))
         """,
         tmp_path,
     )
