@@ -108,7 +108,8 @@ def test_text_logs_carry_the_ids_and_the_start_says_where_things_are(
     finally:
         server.stop()
     log = (tmp_path / f"serve-{server.port}.log").read_text()
-    assert f"try-it page {server.base_url}/ ; API docs {server.base_url}/docs" in log
+    base = server.base_url
+    assert f"try-it page {base}/ ; API docs {base}/docs ; metrics {base}/metrics" in log
     assert f"database sqlite:///{tmp_path}/cogview-data/cogview.db" in log
     assert f"[request_id={rid}]: POST /api/v1/images/generations 200" in log
     (done,) = [line for line in log.splitlines() if f"task {task_id} completed" in line]
