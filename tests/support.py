@@ -284,7 +284,7 @@ def background_worker(api: InProcessApi, engine: Any = None) -> Iterator[Worker]
         db=api.db,
         storage=open_storage(api.settings.storage_url),
         engine=engine or FlakyEngine(),
-        on_settled=api.app.state.signals.notify,
+        on_changed=api.app.state.signals.notify,
     )
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from cogview_api import __version__
 from cogview_api.config import Settings
 from cogview_api.errors import CogviewError, EngineLoadError, StartError
+from cogview_api.services import follow_limits
 from cogview_api.services import keys as key_service
 from cogview_api.services import limits as limit_service
 from cogview_api.services.limits import KeyLimits
@@ -78,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--reset", action="store_true", help="drop the key's own limits")
     limits.add_argument("--json", action="store_true")
 
+    follow = keys.add_parser(
+        "follow-limits",
+        help="show a key's caps on open event streams and Prefer: wait; with options, set them",
+    )
+    follow.add_argument("key_id")
+    follow.add_argument("--max-streams", type=int, help="event streams open at once")
+    follow.add_argument("--max-waits", type=int, help="Prefer: wait submits waiting at once")
+    follow.add_argument("--reset", action="store_true", help="the settings' defaults again")
     credits = sub.add_parser("credits", help="credit ledger").add_subparsers(
         dest="credits_command", required=True
     )
@@ -274,6 +283,20 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"revoked {key.id} ({key.name})")
     elif args.command == "keys" and args.keys_command == "limits":
         _print_limits(_key_limits(args, settings, db), as_json=args.json)
+    elif args.command == "keys" and args.keys_command == "follow-limits":
+        if args.max_streams is None and args.max_waits is None and not args.reset:
+            caps = follow_limits.own_caps(db, args.key_id)
+        else:
+            caps = follow_limits.set_own_caps(
+                db,
+                args.key_id,
+                max_streams=args.max_streams,
+                max_waits=args.max_waits,
+                reset=args.reset,
+            )
+        streams = caps.max_streams or f"{settings.max_streams_per_key} (default)"
+        waits = caps.max_waits or f"{settings.max_waits_per_key} (default)"
+        print(f"{args.key_id}: max streams {streams}, max waits {waits}")
     elif args.command == "credits":
         key = key_service.grant_credits(
             db, key_id=args.key_id, amount=args.amount, note=args.note, actor=_actor()

@@ -135,6 +135,16 @@ class Settings(BaseSettings):
     access_log: bool = False
     # A comment line on an idle event stream this often, so proxies keep the connection open.
     sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)
+    # Event streams one key may hold open, and `Prefer: wait` submits it may have waiting at
+    # once, across all API processes; over either the request gets 429 before anything is
+    # written (services/follow_limits.py).
+    max_streams_per_key: int = Field(default=20, ge=1, le=100_000)
+    max_waits_per_key: int = Field(default=20, ge=1, le=100_000)
+    # The task watcher (services/watch.py): how often it looks at the followed tasks, one
+    # statement for all, where writers in other processes cannot tell it (SQLite, or `listen`
+    # off); and on PostgreSQL with LISTEN, how often it looks anyway (a lost notification).
+    watch_poll_seconds: float = Field(default=0.25, gt=0.0, le=60.0)
+    watch_fallback_seconds: float = Field(default=2.0, gt=0.0, le=60.0)
     # How long the synchronous OpenAI and Zhipu routes hold a request for its task; under the
     # Zhipu SDK's 300 s read timeout, so its clients get our answer instead of a retry.
     sync_wait_seconds: float = Field(default=280.0, gt=0.0, le=3600.0)

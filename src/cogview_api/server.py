@@ -186,7 +186,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     signals = TaskSignals()
     workers = [
-        Worker(settings=settings, db=db, storage=storage, engine=e, on_settled=signals.notify)
+        Worker(settings=settings, db=db, storage=storage, engine=e, on_changed=signals.notify)
         for e in engines
     ]
     threads = [WorkerThread(w).start() for w in workers]

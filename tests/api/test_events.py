@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from cogview_api.config import Settings
-from cogview_api.services.signals import TaskSignals
+from cogview_api.services.watch import TaskWatcher
 from tests.support import (
     InProcessApi,
     auth,
@@ -94,7 +94,7 @@ def test_stream_of_another_keys_task_is_a_plain_404(api: InProcessApi) -> None:
 def test_a_client_that_goes_away_ends_its_stream(api: InProcessApi) -> None:
     key = api.make_key()
     task_id = submit_task(api.client, key)
-    signals: TaskSignals = api.app.state.signals
+    signals: TaskWatcher = api.app.state.watcher
     with api.client.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r:
         items = sse_items(r)  # kept: dropping it would close the connection here already
         assert next(items)[0] == "task"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -26,9 +27,11 @@ from cogview_api.api.serving import GenerationServing
 from cogview_api.config import Settings
 from cogview_api.metrics import QueueCollector
 from cogview_api.services.backends import Backends
+from cogview_api.services.follow_limits import FollowLimits
 from cogview_api.services.images import presigner
 from cogview_api.services.metrics import queue_snapshot
 from cogview_api.services.signals import TaskSignals
+from cogview_api.services.watch import TaskWatcher
 
 
 def create_app(
@@ -41,10 +44,19 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app, on `backends` (else the settings' database and storage). `on_submit`
     callbacks run after each accepted task, and in-process workers call `signals.notify` when a
-    task settles: both spare a wait for the next poll. `live_workers` counts this process's
+    task changes: both spare a wait for the next poll. `live_workers` counts this process's
     running workers, for /readyz; None where the workers run elsewhere (it then counts the
-    workers with a fresh heartbeat in the database)."""
+    workers with a fresh heartbeat in the database). One task watcher per app follows the
+    tasks of its open event streams and waits (services/watch.py)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.watcher.aclose()
+        app.state.serving.limits.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="cogview-api",
         version=__version__,
         description="Self-hosted HTTP API for Zhipu's CogView 4 text-to-image model.",
@@ -53,12 +65,24 @@ def create_app(
     )
     app.state.settings = settings
     app.state.backends = backends = backends or Backends.open(settings)
-    app.state.signals = signals or TaskSignals()
+    app.state.signals = signals = signals or TaskSignals()
     app.state.live_workers = live_workers
+    listen = settings.listen and backends.db.dialect == "postgresql"
+    app.state.watcher = watcher = TaskWatcher(
+        backends.db,
+        signals=signals,
+        interval=settings.watch_fallback_seconds if listen else settings.watch_poll_seconds,
+        listen=listen,
+    )
     app.state.serving = GenerationServing(
         settings=settings,
         backends=backends,
-        signals=app.state.signals,
+        watcher=watcher,
+        limits=FollowLimits(
+            backends.db,
+            max_streams=settings.max_streams_per_key,
+            max_waits=settings.max_waits_per_key,
+        ),
         presign=presigner(settings.image_urls, backends.storage),
         on_submit=on_submit,
     )

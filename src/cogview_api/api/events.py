@@ -1,28 +1,31 @@
 """Server-Sent Events of one task: the task object on every change, until it is terminal.
 
 The stream is `event: task` + `data: <task object JSON>` frames, the first one the state at
-connection time, the last one the terminal state; then the server closes it. The task row is
-re-read every EVENTS_RECHECK_S (it is written by workers in any process); an in-process
-settle or cancel signals at once. A comment line keeps an idle stream open through proxies.
-A server shutting down ends its streams (uvicorn waits for open responses before it stops).
+connection time, the last one the terminal state; then the server closes it. The stream reads
+nothing itself after the first frame: the process's task watcher (services/watch.py) follows
+the task for every stream of it at once and hands over each new state. A comment line keeps
+an idle stream open through proxies. A revoked key's stream ends without another frame. A
+server shutting down ends its streams (uvicorn waits for open responses before it stops).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from cogview_api.api.present import ImageLinks, task_public
-from cogview_api.api.serving import GenerationServing
+from cogview_api.api.serving import give_back
 from cogview_api.domain import Task
-from cogview_api.errors import CogviewError
+from cogview_api.services.follow_limits import Slot
+from cogview_api.services.watch import TaskWatcher
 
 log = logging.getLogger(__name__)
 
-EVENTS_RECHECK_S = 0.25
 KEEPALIVE = ": keep-alive\n\n"
 HEADERS = {
     "Cache-Control": "no-cache",
@@ -36,35 +39,48 @@ def task_frame(task: Task, base: ImageLinks) -> str:
 
 async def task_stream(
     *,
-    serving: GenerationServing,
-    secret: str,
+    watcher: TaskWatcher,
     first: Task,
     base: ImageLinks,
     keepalive_s: float,
 ) -> AsyncIterator[str]:
     """Frames for `first` and each change of it, ending after its terminal state. Cancelled
     (and so ended) by Starlette when the client disconnects."""
-    signals = serving.signals
     task, sent, last_write = first, "", time.monotonic()
-    with signals.subscribe(task.id) as settled:
+    with watcher.follow(first) as follower:
         while True:
             frame = task_frame(task, base)
             if frame != sent:
                 yield frame
                 sent, last_write = frame, time.monotonic()
-            elif time.monotonic() - last_write >= keepalive_s:
-                yield KEEPALIVE
-                last_write = time.monotonic()
             if task.state.terminal:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(settled.wait(), timeout=EVENTS_RECHECK_S)
-            if signals.closing:  # the server is shutting down: end; the client reconnects
-                return
-            # A worker that lost its lease also signals; the task may still be running.
-            settled.clear()
+            quiet = last_write + keepalive_s - time.monotonic()
             try:
-                task = await serving.read_task(secret, task.id)
-            except CogviewError as exc:  # database unavailable: end; the client reconnects
-                log.warning("event stream of task %s ended: %s", task.id, exc.message)
+                await asyncio.wait_for(follower.changed.wait(), timeout=max(0.0, quiet))
+            except TimeoutError:
+                yield KEEPALIVE
+                last_write = time.monotonic()
+                continue
+            follower.changed.clear()
+            if watcher.closing:  # the server is shutting down: end; the client reconnects
                 return
+            if follower.revoked or follower.gone:
+                log.info("event stream of task %s ended: its key was revoked", task.id)
+                return
+            task = follower.task
+
+
+class TaskEventsResponse(StreamingResponse):
+    """The stream's response, which gives back the key's stream slot however it ends, even
+    when the stream never started (the client left before the headers were sent)."""
+
+    def __init__(self, content: AsyncIterator[str], *, slot: Slot) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=HEADERS)
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await give_back(self.slot)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, Self, TypeVar
 
+import anyio
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -30,12 +31,9 @@ from cogview_api.domain import GenerationRequest, Task, TaskState
 from cogview_api.errors import LimitState, TaskCancelled, TaskFailed, WaitTimedOut
 from cogview_api.services import generation
 from cogview_api.services.backends import Backends
+from cogview_api.services.follow_limits import FollowLimits, Kind, Slot
 from cogview_api.services.generation import Submission, SubmitRequest
-from cogview_api.services.signals import TaskSignals
-
-# How often a waiting request re-reads its task, for workers in other processes (an in-process
-# worker signals the end at once).
-WAIT_RECHECK_S = 0.5
+from cogview_api.services.watch import TaskWatcher
 
 
 class GenerationBody(Protocol):
@@ -82,13 +80,16 @@ class GenerationServing:
         *,
         settings: Settings,
         backends: Backends,
-        signals: TaskSignals,
+        watcher: TaskWatcher,
+        limits: FollowLimits,
         presign: Presign | None,
         on_submit: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
         self.db = backends.db
-        self.signals = signals
+        self.watcher = watcher
+        self.signals = watcher.signals
+        self.limits = limits
         self.presign = presign
         self.on_submit = tuple(on_submit)
 
@@ -140,6 +141,19 @@ class GenerationServing:
             limits=submitted.limits,
         )
 
+    async def take_slot(self, kind: Kind, secret: str) -> Slot:
+        """A slot of the key's cap on streams or waits (429 over it), before anything else is
+        read or written for the request."""
+        return await run_in_threadpool(self.limits.take, kind, secret)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, kind: Kind, secret: str) -> AsyncIterator[None]:
+        slot = await self.take_slot(kind, secret)
+        try:
+            yield
+        finally:
+            await give_back(slot)
+
     async def read_task(self, secret: str, task_id: str) -> Task:
         """The task as its key may see it now (the key checked again: a revoked key stops)."""
         return await run_in_threadpool(
@@ -149,21 +163,26 @@ class GenerationServing:
         )
 
     async def wait(self, secret: str, task_id: str, seconds: float) -> Task:
-        """The task once it is terminal, or as last read after `seconds` (its status and queue
-        position fresh). Read first once subscribed, so a task that settles in between is not
-        missed."""
+        """The task once it is terminal, or as read again after `seconds` or when the server
+        stops (its status and queue position fresh). Reads the task once, then follows it
+        through the process's watcher, which reads for all followers at once; the terminal task
+        is read again with the key (so a key revoked meanwhile gets its 403)."""
         deadline = time.monotonic() + seconds
-        with self.signals.subscribe(task_id) as settled:
+        task = await self.read_task(secret, task_id)
+        if task.state.terminal:
+            return task
+        with self.watcher.follow(task) as follower:
             while True:
-                task = await self.read_task(secret, task_id)
                 left = deadline - time.monotonic()
-                if task.state.terminal or left <= 0:
-                    return task
+                if left <= 0 or self.watcher.closing:
+                    return await self.read_task(secret, task_id)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(settled.wait(), timeout=min(WAIT_RECHECK_S, left))
-                # A signal for a task that is not terminal yet (a worker lost its lease and let
-                # go of it) must not leave the event set, or this loop would spin.
-                settled.clear()
+                    await asyncio.wait_for(follower.changed.wait(), timeout=left)
+                follower.changed.clear()
+                if follower.revoked or follower.gone or follower.task.state.terminal:
+                    task = await self.read_task(secret, task_id)
+                    if task.state.terminal:
+                        return task
 
     async def generate(
         self, request: Request, *, surface: str, schema: type[Body], secret: str
@@ -190,3 +209,9 @@ class GenerationServing:
         if finished.state is not TaskState.COMPLETED:
             raise TaskFailed(f"Task {task.id} failed: {reason}")
         return replace(accepted, task=finished)
+
+
+async def give_back(slot: Slot) -> None:
+    """Release a slot, also from a request being cancelled (the client went away)."""
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(slot.release)

@@ -1,53 +1,37 @@
-"""In-process signals that a task settled, so a request waiting on it (`Prefer: wait`, an event
-stream) wakes at once instead of reading the database in a loop. Workers in the same process
-and the cancel route signal; waiters also re-read the database now and then for workers
-elsewhere."""
+"""In-process signals that tasks changed, so the process's task watcher (services/watch.py)
+looks at once instead of at its next tick. Workers in the same process ring it on each
+progress step and settle, the cancel route on a cancel; `close` says the server is stopping."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 
 class TaskSignals:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._hooks: list[Callable[[], None]] = []
         self._closing = threading.Event()
 
-    @contextmanager
-    def subscribe(self, task_id: str) -> Iterator[asyncio.Event]:
-        """An event set when `notify(task_id)` is called; call from the event loop."""
-        entry = (asyncio.get_running_loop(), asyncio.Event())
+    def on_change(self, hook: Callable[[], None]) -> None:
+        """Call `hook` (from the notifying thread) on every `notify` and on `close`."""
         with self._lock:
-            self._waiters.setdefault(task_id, []).append(entry)
-        try:
-            yield entry[1]
-        finally:
-            with self._lock:
-                entries = self._waiters.get(task_id, [])
-                entries.remove(entry)
-                if not entries:
-                    self._waiters.pop(task_id, None)
+            self._hooks.append(hook)
 
-    def notify(self, task_id: str) -> None:
-        """Safe from any thread."""
+    def notify(self, task_id: str | None = None) -> None:
+        """A task changed (which one is for logs: the watcher looks at all it follows).
+        Safe from any thread."""
         with self._lock:
-            entries = list(self._waiters.get(task_id, ()))
-        for loop, event in entries:
-            loop.call_soon_threadsafe(event.set)
-
-    def subscribers(self, task_id: str) -> int:
-        """How many are waiting on the task now."""
-        with self._lock:
-            return len(self._waiters.get(task_id, ()))
+            hooks = list(self._hooks)
+        for hook in hooks:
+            hook()
 
     def close(self) -> None:
-        """The server is shutting down: waiters with no end of their own (event streams)
+        """The server is shutting down: followers with no end of their own (event streams)
         should stop, or the server would wait for them. Safe from any thread."""
         self._closing.set()
+        self.notify()
 
     @property
     def closing(self) -> bool:

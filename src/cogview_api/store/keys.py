@@ -13,6 +13,7 @@ from cogview_api.clock import utcnow
 from cogview_api.domain import ApiKey
 from cogview_api.errors import InsufficientCredits, InvalidRequest, NotFound
 from cogview_api.signing import new_secret
+from cogview_api.store.notify import announce_change
 from cogview_api.store.tables import api_keys, images, ledger, tasks
 
 KEY_PREFIX = "cv4_"
@@ -93,6 +94,7 @@ def revoke_key(conn: Connection, key_id: str) -> ApiKey:
         .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
         .values(revoked_at=utcnow())
     )
+    announce_change(conn)  # API processes end the key's open streams and waits
     return get_key(conn, key_id)
 
 

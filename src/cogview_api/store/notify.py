@@ -23,11 +23,17 @@ from sqlalchemy.engine import make_url
 log = logging.getLogger(__name__)
 
 CHANNEL = "cogview_tasks"
+# A watched task changed (progress, a settle, a claim, a cancel) or a key was revoked: each API
+# process's task watcher (services/watch.py) reads its watched tasks again, once for all.
+CHANGES_CHANNEL = "cogview_task_changes"
 # Reconnect delays after the listen connection fails: doubling from the first to the last.
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 # How often the listener thread looks at its stop flag while no notification comes.
 CHECK_STOP_S = 0.5
+
+
+_NOTIFY = text("SELECT pg_notify(:channel, '')")
 
 
 def announce(conn: Connection) -> None:
@@ -36,7 +42,16 @@ def announce(conn: Connection) -> None:
     PostgreSQL folds identical notifications of one transaction into one. No-op on SQLite.
     """
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+        conn.execute(_NOTIFY, {"channel": CHANNEL})
+
+
+def announce_change(conn: Connection) -> None:
+    """Tell the API processes' task watchers that a task or a key changed, on commit.
+
+    Folded into one notification per transaction. No-op on SQLite (watchers there poll).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NOTIFY, {"channel": CHANGES_CHANNEL})
 
 
 def libpq_dsn(url: str) -> str:
@@ -46,15 +61,17 @@ def libpq_dsn(url: str) -> str:
 
 
 class Listener:
-    """One autocommit connection LISTENing on `CHANNEL`; calls `on_notify` for each wake-up.
+    """One autocommit connection LISTENing on `channel` (new tasks by default); calls
+    `on_notify` for each notification.
 
     Runs in a daemon thread. If the connection fails (database restart, network), it
     reconnects with a doubling backoff, and calls `on_notify` once after every (re)connect,
     since anything announced while it was away is lost.
     """
 
-    def __init__(self, url: str, on_notify: Callable[[], None]) -> None:
+    def __init__(self, url: str, on_notify: Callable[[], None], *, channel: str = CHANNEL) -> None:
         self.dsn = libpq_dsn(url)
+        self.channel = channel
         self.on_notify = on_notify
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="pg-listener")
@@ -73,9 +90,9 @@ class Listener:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(f"LISTEN {self.channel}")
                     self.connected.set()
-                    log.info("listening for new tasks on channel %s", CHANNEL)
+                    log.info("listening on channel %s", self.channel)
                     delay = BACKOFF_FIRST_S
                     self.on_notify()
                     while not self._stop.is_set():

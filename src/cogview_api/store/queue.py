@@ -20,7 +20,7 @@ from sqlalchemy import Connection, case, delete, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import BatchKey, Stage, TaskState
-from cogview_api.store.notify import announce
+from cogview_api.store.notify import announce, announce_change
 from cogview_api.store.tables import tasks, workers
 from cogview_api.store.tasks import fail_task
 
@@ -89,6 +89,7 @@ def claim_batch(
             started_at=now,
         )
     )
+    announce_change(conn)  # the claimed tasks run, and those behind them move up
     return ids
 
 
@@ -177,6 +178,7 @@ def reclaim_expired(conn: Connection, *, now: datetime | None = None) -> tuple[i
             requeued += 1
     if requeued:
         announce(conn)  # idle workers take them at once, on commit
+        announce_change(conn)
     return requeued, failed
 
 
@@ -191,6 +193,7 @@ def release_worker_tasks(conn: Connection, *, worker_id: str) -> int:
     ).rowcount
     if released:
         announce(conn)  # another worker takes them at once, on commit (PostgreSQL)
+        announce_change(conn)
     return int(released)
 
 

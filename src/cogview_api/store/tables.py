@@ -80,6 +80,10 @@ api_keys = Table(
     Column("max_waiting", Integer, nullable=True),
     # GCRA: the "theoretical arrival time" of the key's next submit, seconds since the epoch.
     Column("submit_tat", Double, nullable=True),
+    # The key's own caps on open event streams and `Prefer: wait` requests (NULL: the settings'
+    # COGVIEW_MAX_STREAMS_PER_KEY / COGVIEW_MAX_WAITS_PER_KEY), `keys follow-limits` (0012).
+    Column("max_streams", Integer, nullable=True),
+    Column("max_waits", Integer, nullable=True),
     CheckConstraint("balance >= 0", name="balance_not_negative"),
 )
 
@@ -247,4 +251,19 @@ admin_audit = Table(
     Column("key_id", String(32), nullable=True),  # the key acted on, if any
     Column("detail", Text, nullable=True),  # JSON: the action's parameters (never a secret)
     Index("ix_admin_audit_key_id", "key_id"),
+)
+
+# Held slots of the per-key caps on open event streams and `Prefer: wait` requests, shared by
+# every API process: a row per open request, deleted when it ends, with a lease its process
+# renews (a process that died leaves rows that lapse; services/follow_limits.py).
+follow_slots = Table(
+    "follow_slots",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("kind", String(8), nullable=False),  # stream | wait
+    Column("holder", String(32), nullable=False),  # the API process that holds it
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index("ix_follow_slots_key_id_kind", "key_id", "kind"),
+    Index("ix_follow_slots_holder", "holder"),
 )

@@ -26,7 +26,7 @@ from cogview_api.domain import (
 from cogview_api.errors import LimitState, NotFound, RateLimited, ServiceUnavailable
 from cogview_api.store import positions
 from cogview_api.store.keys import add_credits, hash_key, key_from
-from cogview_api.store.notify import announce
+from cogview_api.store.notify import announce, announce_change
 from cogview_api.store.tables import api_keys, images, queue_depth, tasks
 from cogview_api.store.webhooks import deliveries_of, enqueue_delivery
 
@@ -89,6 +89,76 @@ _RUNNING = select(func.count()).select_from(tasks).where(tasks.c.state == TaskSt
 def running_tasks(conn: Connection) -> int:
     """How many tasks a worker holds now (an index range: ix_tasks_state_seq)."""
     return int(conn.execute(_RUNNING).scalar_one())
+
+
+# The task watcher's look (services/watch.py), one statement however many streams are open:
+# per watched task what its public object changes with and whether its key was revoked, and
+# beside them where the queue stands: its head, its length, its tail, and how many waiting tasks
+# came after the tail the watcher saw last (so appends, which move no waiting task's place, can
+# be told from removals and returns, which do). Each of these reads an end of an index.
+_WATCH = (
+    select(
+        tasks.c.id,
+        tasks.c.state,
+        tasks.c.stage,
+        tasks.c.step,
+        tasks.c.attempts,
+        api_keys.c.revoked_at,
+        select(func.min(tasks.c.seq)).where(_queued).scalar_subquery().label("queue_head"),
+        select(func.max(tasks.c.seq)).where(_queued).scalar_subquery().label("queue_tail"),
+        _WAITING.scalar_subquery().label("queue_length"),
+        select(func.count())
+        .select_from(tasks)
+        .where(_queued, tasks.c.seq > bindparam("tail"))
+        .scalar_subquery()
+        .label("appended"),
+    )
+    .select_from(tasks.join(api_keys, api_keys.c.id == tasks.c.key_id))
+    .where(tasks.c.id.in_(bindparam("ids", expanding=True)))
+)
+
+
+@dataclass(frozen=True)
+class QueueMark:
+    """Where the queue stood at a look."""
+
+    head: int | None
+    tail: int | None
+    length: int
+
+    def moved_since(self, before: QueueMark | None, appended: int) -> bool:
+        """Whether a waiting task's place may have changed since `before`: the head left, or
+        the length changed by more than the tasks appended after `before`'s tail."""
+        if before is None:
+            return True
+        return self.head != before.head or self.length - appended != before.length
+
+
+@dataclass(frozen=True)
+class WatchLook:
+    """What the watcher saw: per task a version (equal while its public object is unchanged,
+    but for its queue position) and whether its key was revoked; and whether the queue moved."""
+
+    versions: dict[str, tuple[Any, ...]]
+    revoked: frozenset[str]
+    queue: QueueMark | None
+    queue_moved: bool
+
+
+def watch_look(conn: Connection, task_ids: Sequence[str], before: QueueMark | None) -> WatchLook:
+    """One statement for all `task_ids`; a task that no longer exists is left out."""
+    tail = before.tail if before is not None and before.tail is not None else 0
+    rows = conn.execute(_WATCH, {"ids": list(task_ids), "tail": tail}).all()
+    if not rows:
+        return WatchLook(versions={}, revoked=frozenset(), queue=before, queue_moved=False)
+    r0 = rows[0]
+    mark = QueueMark(head=r0.queue_head, tail=r0.queue_tail, length=int(r0.queue_length))
+    return WatchLook(
+        versions={r.id: (r.state, r.stage, r.step, r.attempts) for r in rows},
+        revoked=frozenset(r.id for r in rows if r.revoked_at is not None),
+        queue=mark,
+        queue_moved=mark.moved_since(before, int(r0.appended)),
+    )
 
 
 def insert_task(
@@ -338,6 +408,7 @@ def complete_task(
         ],
     )
     enqueue_delivery(conn, task_id=task_id)
+    announce_change(conn)
     return True
 
 
@@ -396,6 +467,7 @@ def fail_task(
             conn, key_id=row.key_id, amount=int(row.credits_charged), kind="refund", task_id=task_id
         )
     enqueue_delivery(conn, task_id=task_id)
+    announce_change(conn)
     return True
 
 
@@ -420,7 +492,10 @@ def set_progress(
     if step is not None:
         values["step"] = step
     result = conn.execute(update(tasks).where(_owned(task_id, worker_id)).values(**values))
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    announce_change(conn)
+    return True
 
 
 def expired_images(conn: Connection, now: datetime, limit: int = 500) -> list[tuple[str, str]]:

@@ -57,14 +57,16 @@ class Worker:
         storage: ImageStorage,
         engine: Engine,
         worker_id: str | None = None,
-        on_settled: Callable[[str], None] | None = None,
+        on_changed: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.storage = storage
         self.engine = engine
         self.id = worker_id or new_worker_id()
-        self.on_settled = on_settled
+        # Called with a task's id after each write that moves it (progress, settle), so the
+        # API of the same process tells its streams at once.
+        self.on_changed = on_changed
         self.stop = threading.Event()
         # Set when there may be new work, so an idle worker starts at once instead of at its
         # next poll: by an API in the same process on submit, and on PostgreSQL by the
@@ -294,12 +296,15 @@ class Worker:
             self._meter.step(task_id)
         try:
             with self.db.write() as conn:
-                return task_store.set_progress(
+                held = task_store.set_progress(
                     conn, task_id=task_id, worker_id=self.id, stage=Stage(stage), step=step
                 )
         except CogviewError as exc:  # a missed progress write is no reason to stop the task
             log.warning("progress of task %s not recorded: %s", task_id, exc.message)
             return True
+        if held:
+            self._changed(task_id)
+        return held
 
     def _finish(self, task: Task, imgs: Sequence[Image]) -> str:
         """Store the images and complete the task; returns the outcome for the task's line."""
@@ -345,7 +350,7 @@ class Worker:
             elif self._meter is not None:
                 self._meter.stored(time.perf_counter() - storing)
                 self._meter.completed(task)
-            self._settled(task.id)
+            self._changed(task.id)
             return "completed" if done else "stopped"
         except Exception:
             log.exception("could not store the images of task %s", task.id)
@@ -386,11 +391,11 @@ class Worker:
         else:
             if failed and self._meter is not None:
                 self._meter.failed(task)
-        self._settled(task.id)
+        self._changed(task.id)
 
-    def _settled(self, task_id: str) -> None:
-        if self.on_settled is not None:
-            self.on_settled(task_id)
+    def _changed(self, task_id: str) -> None:
+        if self.on_changed is not None:
+            self.on_changed(task_id)
 
     def _cleanup_expired_images(self) -> None:
         now = time.monotonic()

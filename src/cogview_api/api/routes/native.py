@@ -31,6 +31,7 @@ from cogview_api.api.schemas import (
     TaskPublic,
     UsageReportPublic,
 )
+from cogview_api.api.serving import Accepted, GenerationServing, give_back
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.services import usage as usage_service
@@ -94,20 +95,29 @@ async def create_generation(
     request: Request, response: Response, secret: Secret, serving: ServingDep, base: BaseUrl
 ) -> SubmitAnswer:
     wait = requested_wait(request.headers.get("prefer"))  # before anything is written
+    if not wait:
+        accepted = await _accept(request, response, secret, serving)
+        return SubmitAnswer(data=task_created(accepted.task))
+    async with serving.holding("wait", secret):  # 429 before anything is written
+        accepted = await _accept(request, response, secret, serving)
+        task = await serving.wait(secret, accepted.task.id, wait)
+    if task.state.terminal:
+        response.headers["Preference-Applied"] = f"wait={wait}"
+        return SubmitAnswer(data=task_public(task, base))
+    # Timed out: the acceptance, with the status and queue position of now.
+    return SubmitAnswer(data=task_created(task))
+
+
+async def _accept(
+    request: Request, response: Response, secret: str, serving: GenerationServing
+) -> Accepted[GenerationCreate]:
     accepted = await serving.accept(
         request, surface="native", schema=GenerationCreate, secret=secret
     )
     response.headers.update(accepted.headers)
     if accepted.replayed:
         response.headers[REPLAYED_HEADER] = "true"
-    if wait:
-        task = await serving.wait(secret, accepted.task.id, wait)
-        if task.state.terminal:
-            response.headers["Preference-Applied"] = f"wait={wait}"
-            return SubmitAnswer(data=task_public(task, base))
-        # Timed out: the acceptance, with the status and queue position of now.
-        return SubmitAnswer(data=task_created(task))
-    return SubmitAnswer(data=task_created(accepted.task))
+    return accepted
 
 
 def requested_wait(prefer: str | None) -> int:
@@ -178,16 +188,20 @@ async def cancel_task(
 async def task_events(
     task_id: str, secret: Secret, serving: ServingDep, settings: SettingsDep, base: BaseUrl
 ) -> StreamingResponse:
-    # Read before the stream starts, so an unknown task is a plain 404.
-    first = await serving.read_task(secret, task_id)
+    slot = await serving.take_slot("stream", secret)  # 429 before anything else is read
+    try:
+        # Read before the stream starts, so an unknown task is a plain 404.
+        first = await serving.read_task(secret, task_id)
+    except BaseException:
+        await give_back(slot)
+        raise
     stream = events.task_stream(
-        serving=serving,
-        secret=secret,
+        watcher=serving.watcher,
         first=first,
         base=base,
         keepalive_s=settings.sse_keepalive_seconds,
     )
-    return StreamingResponse(stream, media_type="text/event-stream", headers=events.HEADERS)
+    return events.TaskEventsResponse(stream, slot=slot)
 
 
 @router.get(

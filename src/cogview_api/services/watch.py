@@ -1,0 +1,202 @@
+"""One watcher per API process for the tasks that its open event streams and `Prefer: wait`
+requests follow, so an idle follower costs no database reads of its own.
+
+It learns that something changed from
+- `TaskSignals`, rung by writers in this process (the workers of `serve`, the cancel route);
+- on PostgreSQL, a LISTEN connection on `cogview_task_changes`, which every write that moves a
+  task (claim, progress, settle, cancel, lease lapse) or revokes a key NOTIFYs on commit;
+- its own tick: every `watch_poll_seconds` (SQLite, or PostgreSQL with `listen` off: writers in
+  other processes cannot signal), or every `watch_fallback_seconds` on PostgreSQL with LISTEN
+  (a notification lost while the listener reconnected).
+
+Each wake-up, while anything is followed, runs one statement for all followed tasks
+(`store.tasks.watch_look`): per task a version and whether its key was revoked, and where the
+queue stands. Only a task whose version changed, whose place in the queue may have moved, or
+that is newly followed is then read in full: once, however many follow it. Revocation reaches
+the followers through the same look (the key's `revoked_at`), so a revoked key's streams and
+waits end within one tick (or at once on PostgreSQL).
+
+All state lives on the event loop; `poke` is the only method for other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cogview_api.domain import Task, TaskState
+from cogview_api.errors import CogviewError, NotFound
+from cogview_api.services.signals import TaskSignals
+from cogview_api.store import tasks as task_store
+from cogview_api.store.db import Database
+from cogview_api.store.notify import CHANGES_CHANNEL, Listener
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    """One stream's or wait's view of its task: `changed` is set when `task`, `revoked` or
+    `gone` is new (or the server is closing); the follower clears it."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.revoked = False  # the task's key was revoked: end without another frame
+        self.gone = False  # the task no longer exists
+        self.changed = asyncio.Event()
+
+
+@dataclass(frozen=True)
+class _Seen:
+    look: task_store.WatchLook
+    full: dict[str, Task]
+
+
+class TaskWatcher:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        signals: TaskSignals,
+        interval: float,
+        listen: bool,
+    ) -> None:
+        self.db = db
+        self.signals = signals
+        self.interval = interval
+        self._listen = listen
+        self._followers: dict[str, set[Follower]] = {}
+        self._versions: dict[str, tuple[Any, ...]] = {}
+        self._fresh: set[str] = set()  # followed since the last look: read in full
+        self._queue: task_store.QueueMark | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
+        signals.on_change(self.poke)
+
+    @property
+    def closing(self) -> bool:
+        return self.signals.closing
+
+    def poke(self) -> None:
+        """Look now (soon). Safe from any thread."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(wake.set)
+
+    def subscribers(self, task_id: str) -> int:
+        """How many follow the task now."""
+        return len(self._followers.get(task_id, ()))
+
+    @contextlib.contextmanager
+    def follow(self, task: Task) -> Iterator[Follower]:
+        """Follow `task` (as its key may see it now) until the block ends. Call on the loop."""
+        wake = self._start()
+        follower = Follower(task)
+        followers = self._followers.setdefault(task.id, set())
+        if not followers:
+            self._fresh.add(task.id)  # it may have changed since the caller read it
+            wake.set()
+        followers.add(follower)
+        try:
+            yield follower
+        finally:
+            followers.discard(follower)
+            if not followers and self._followers.get(task.id) is followers:
+                del self._followers[task.id]
+                self._versions.pop(task.id, None)
+                self._fresh.discard(task.id)
+
+    async def aclose(self) -> None:
+        """End the followers and the watcher (the app's shutdown)."""
+        self.signals.close()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
+
+    # -- on the loop ------------------------------------------------------------------------
+
+    def _start(self) -> asyncio.Event:
+        if self._wake is None or self._runner is None or self._runner.done():
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            self._runner = self._loop.create_task(self._run(), name="task-watcher")
+            if self._listen and self.db.dialect == "postgresql" and self._listener is None:
+                self._listener = Listener(self.db.url, self.poke, channel=CHANGES_CHANNEL).start()
+        return self._wake
+
+    async def _run(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        while not self.closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.interval if self._followers else None)
+            wake.clear()
+            if self.closing or not self._followers:
+                continue
+            ids = list(self._followers)
+            fresh = self._fresh & set(ids)
+            try:
+                seen = await asyncio.to_thread(
+                    self._look, ids, fresh, dict(self._versions), self._queue
+                )
+            except CogviewError as exc:  # the database is away: try again at the next tick
+                log.warning("task watcher: %s", exc.message)
+                continue
+            self._publish(ids, fresh, seen)
+        for followers in self._followers.values():
+            for f in followers:
+                f.changed.set()
+
+    def _look(
+        self,
+        ids: Sequence[str],
+        fresh: set[str],
+        known: dict[str, tuple[Any, ...]],
+        queue: task_store.QueueMark | None,
+    ) -> _Seen:
+        """One statement for all; a full read of each task that changed (in a thread)."""
+        with self.db.read() as conn:
+            look = task_store.watch_look(conn, ids, queue)
+            changed = [
+                i
+                for i, version in look.versions.items()
+                if i in fresh
+                or version != known.get(i)
+                or (look.queue_moved and version[0] == TaskState.QUEUED)
+            ]
+            full: dict[str, Task] = {}
+            for i in changed:
+                if i not in look.revoked:
+                    with contextlib.suppress(NotFound):  # deleted since: gone at the next look
+                        full[i] = task_store.get_task(conn, i)
+        return _Seen(look=look, full=full)
+
+    def _publish(self, ids: Sequence[str], fresh: set[str], seen: _Seen) -> None:
+        look = seen.look
+        self._fresh -= fresh
+        self._queue = look.queue
+        for task_id in ids:
+            followers = self._followers.get(task_id)
+            if not followers:
+                continue
+            version = look.versions.get(task_id)
+            if version is not None:
+                self._versions[task_id] = version
+            task = seen.full.get(task_id)
+            gone, revoked = version is None, task_id in look.revoked
+            if task is None and not gone and not revoked:
+                continue
+            for f in followers:
+                f.gone, f.revoked = gone, revoked
+                if task is not None:
+                    f.task = task
+                f.changed.set()
