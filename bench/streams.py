@@ -2,11 +2,11 @@
 another key's poll and submit cost.
 
 `cogview-api serve --workers 0 --model test-echo` runs as a subprocess on a fresh SQLite
-database (so the tasks stay queued and the streams stay open and idle). Key A submits up to 100
-tasks (its waiting-task limit) and opens `--streams` event streams over them, from a separate
+database (so the tasks stay queued and the streams stay open and idle). Key A submits 100
+tasks and opens `--streams` event streams over them, from a separate
 process (asyncio + httpx). Key B then, for `--seconds`, alternates a poll
 (`GET /api/v1/tasks/{id}`) and a submit (`POST /api/v1/images/generations`; they pile up in the
-queue, whose limits are raised for this), one at a time, and
+queue, whose limits and the submit rate limit are lifted for this), one at a time, and
 the script reports B's latency p50/p99 for each, with no streams open (`idle`) and with them
 (`storm`). `--src` runs another checkout's code (e.g. `main` exported with `git archive`), for
 the before/after.
@@ -79,6 +79,7 @@ def server(src: str, workdir: Path, max_streams: int) -> Any:
         # B's submits pile up (no worker): room for all of them.
         COGVIEW_MAX_WAITING_PER_KEY="100000",
         COGVIEW_MAX_QUEUE="100000",
+        COGVIEW_SUBMIT_RATE="0",  # no submit rate limit: B's submits are all real ones
     )
     cli = [sys.executable, "-m", "cogview_api.cli"]
     log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - closed below
