@@ -181,7 +181,19 @@ async def cancel_task(
                 }
             },
         },
-        **error_responses("native", 401, 403, 404, 500, 503),
+        **error_responses(
+            "native",
+            401,
+            403,
+            404,
+            429,
+            500,
+            503,
+            messages={
+                429: "This key has 20 event streams open, its most "
+                "(COGVIEW_MAX_STREAMS_PER_KEY); close one and try again."
+            },
+        ),
     },
     summary="Follow a task (Server-Sent Events)",
 )
