@@ -241,7 +241,14 @@ def test_four_workers_run_200_tasks_from_five_keys_each_exactly_once(fleet: Flee
 
 
 def submit_direct(fleet: Fleet, key: ApiKey, count: int, size: Size = SQUARE) -> list[str]:
-    settings = make_settings(fleet.workdir, fleet.workdir / "cache", database_url=fleet.url)
+    # Like the fleet's own servers: a steady backlog from one key, not a flood to refuse.
+    settings = make_settings(
+        fleet.workdir,
+        fleet.workdir / "cache",
+        database_url=fleet.url,
+        submit_rate=0.0,
+        max_waiting_per_key=10_000,
+    )
     req = GenerationRequest(model="cogview-4", prompt="p", size=size, quality="hd", n=1)
     return [generation.submit(fleet.db, settings, key=key, request=req).id for _ in range(count)]
 
