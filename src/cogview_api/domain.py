@@ -282,6 +282,7 @@ class Task:
     queue_position: int | None = None
     base_url: str | None = None  # image URLs' base as the submitter saw it (for webhooks)
     request_id: str | None = None  # X-Request-ID of the request that created it (for logs)
+    surface: str = "native"  # the API it came in by: native, openai or zhipu (for metrics)
     webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
 
     def __post_init__(self) -> None:

@@ -113,10 +113,14 @@ def instruments() -> Instruments:
             ("surface", "quality"),
         ),
         tasks_completed=Counter(
-            "cogview_tasks_completed", "Tasks completed with their images.", ("quality",)
+            "cogview_tasks_completed",
+            "Tasks completed with their images.",
+            ("surface", "quality"),
         ),
         tasks_failed=Counter(
-            "cogview_tasks_failed", "Tasks failed by a worker (credits refunded).", ("quality",)
+            "cogview_tasks_failed",
+            "Tasks failed by a worker (credits refunded).",
+            ("surface", "quality"),
         ),
         tasks_cancelled=Counter(
             "cogview_tasks_cancelled", "Tasks cancelled by their key.", ("surface", "quality")

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
 from cogview_api.metrics import QueueCollector, QueueSnapshot
 from cogview_api.services.metrics import queue_snapshot
 from cogview_api.store import queue
+from cogview_api.store.tables import tasks
 from tests.conftest import make_settings
 from tests.support import (
     EXAMPLE_BODY,
@@ -92,8 +94,8 @@ def test_submits_and_cancels_are_counted_with_their_credits(api: InProcessApi) -
 
 def test_the_worker_records_outcome_queue_wait_stages_and_batch(api: InProcessApi) -> None:
     key = api.make_key()
-    completed = delta("cogview_tasks_completed_total", quality="hd")
-    failed = delta("cogview_tasks_failed_total", quality="hd")
+    completed = delta("cogview_tasks_completed_total", surface="native", quality="hd")
+    failed = delta("cogview_tasks_failed_total", surface="native", quality="hd")
     refunded = delta("cogview_credits_refunded_total", reason="failed")
     waits = delta("cogview_task_queue_wait_seconds_count", size="1024x1024", quality="hd")
     other = delta("cogview_task_generation_seconds_count", size="other", quality="hd")
@@ -109,6 +111,19 @@ def test_the_worker_records_outcome_queue_wait_stages_and_batch(api: InProcessAp
     assert (completed(), failed(), refunded()) == (2, 1, 4)
     assert (waits(), other(), stores(), images()) == (2, 1, 2, 4)
     assert steps() == 1  # 2 steps (COGVIEW_STEPS_HD in tests): one interval between them
+
+
+def test_outcomes_are_counted_by_the_surface_the_task_came_in_by(api: InProcessApi) -> None:
+    """The worker labels an outcome with the task's own surface (its column), not the native
+    default: a task recorded as a Zhipu submit counts under surface="zhipu"."""
+    key = api.make_key()
+    zhipu = delta("cogview_tasks_completed_total", surface="zhipu", quality="hd")
+    native = delta("cogview_tasks_completed_total", surface="native", quality="hd")
+    task_id = submit_task(api.client, key)
+    with api.db.write() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == task_id).values(surface="zhipu"))
+    complete_next_task(api)
+    assert (zhipu(), native()) == (1, 0)
 
 
 def test_queue_gauges_are_read_from_the_database(api: InProcessApi) -> None:

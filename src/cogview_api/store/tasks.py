@@ -594,6 +594,7 @@ def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
         callback_url=m["callback_url"],
         base_url=m["base_url"],
         request_id=m["request_id"],
+        surface=m["surface"],
         step=m["step"],
         attempts=m["attempts"],
         credits_charged=int(m["credits_charged"]),

@@ -46,9 +46,9 @@ class BatchMeter:
     def completed(self, task: Task) -> None:
         elapsed = time.perf_counter() - self.started
         self.m.generation.labels(self._size(task), task.quality.value).observe(elapsed)
-        self.m.tasks_completed.labels(task.quality.value).inc()
+        self.m.tasks_completed.labels(task.surface, task.quality.value).inc()
 
     def failed(self, task: Task) -> None:
-        self.m.tasks_failed.labels(task.quality.value).inc()
+        self.m.tasks_failed.labels(task.surface, task.quality.value).inc()
         if task.credits_charged:
             self.m.credits_refunded.labels("failed").inc(task.credits_charged)
