@@ -11,7 +11,7 @@ import pytest
 from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.domain import BatchKey, GenerationRequest, Size, TaskState
-from cogview_api.errors import InsufficientCredits
+from cogview_api.errors import InvalidRequest
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
 from cogview_api.storage import LocalStorage
@@ -41,8 +41,10 @@ def test_ledger_is_the_balance(db: Database) -> None:
     with db.read() as conn:
         assert key_store.get_key(conn, key.id).balance == 12
         assert key_store.ledger_sum(conn, key.id) == 12
-    with pytest.raises(InsufficientCredits):
+    # An adjustment below zero is the operator's bad input (400 on amount), not a 402.
+    with pytest.raises(InvalidRequest, match="^Insufficient credits") as refused:
         key_service.grant_credits(db, key_id=key.id, amount=-13)
+    assert refused.value.param == "amount"
     assert balance_of(db, key.id) == 12
 
 
