@@ -176,7 +176,20 @@ async def cancel_task(
             "description": "`event: task` frames of the task object, until it is terminal.",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
+                    # One Server-Sent Event, as SSE-aware tools (schemathesis) read a stream:
+                    # its `event` name and its `data`, the task object as JSON.
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"type": "string", "enum": ["task"]},
+                            "data": {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "description": "The task object (as GET /api/v1/tasks/{id}).",
+                            },
+                        },
+                        "required": ["event", "data"],
+                    },
                     **example_media(examples.EVENTS_ANSWER),
                 }
             },
