@@ -20,6 +20,9 @@ MAX_USER_ID_CHARS = 128
 MAX_IMAGES_PER_REQUEST = 4
 MAX_SEED = 2**32 - 1
 MAX_PIXELS = 2**21
+MIN_SIDE = 512  # a custom size's width and height: MIN_SIDE..MAX_SIDE, multiples of SIDE_STEP
+MAX_SIDE = 2048
+SIDE_STEP = 16
 PRESET_SIZES = (
     (1024, 1024),
     (768, 1344),
@@ -157,10 +160,10 @@ def parse_size(text: str) -> Size:
     width, height = int(match.group(1)), int(match.group(2))
     if (width, height) in PRESET_SIZES:
         return Size(width, height)
-    if not (512 <= width <= 2048 and 512 <= height <= 2048):
-        raise ValueError("size: width and height must each be between 512 and 2048")
-    if width % 16 or height % 16:
-        raise ValueError("size: width and height must both be divisible by 16")
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise ValueError(f"size: width and height must each be between {MIN_SIDE} and {MAX_SIDE}")
+    if width % SIDE_STEP or height % SIDE_STEP:
+        raise ValueError(f"size: width and height must both be divisible by {SIDE_STEP}")
     if width * height > MAX_PIXELS:
         raise ValueError(f"size: width*height must be at most {MAX_PIXELS} pixels")
     return Size(width, height)

@@ -199,7 +199,7 @@ def test_routes_that_need_a_key_say_so(spec: dict[str, Any]) -> None:
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     secured = {p for _, p, op in operations(spec) if op.get("security")}
     assert "/api/v1/images/generations" in secured and "/v1/images/generations" in secured
-    assert not {"/healthz", "/readyz", "/images/{name}"} & secured
+    assert not {"/healthz", "/readyz", "/images/{name}", "/api/v1/info"} & secured
 
 
 def test_docs_page_loads_only_from_this_server(docs_api: InProcessApi) -> None:

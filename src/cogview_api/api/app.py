@@ -16,6 +16,7 @@ from cogview_api.api.routes import (
     admin,
     health,
     images,
+    info,
     metrics,
     native,
     openai_compat,
@@ -88,6 +89,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(info.router)
     app.include_router(openai_compat.router)
     app.include_router(zhipu_compat.router)
     app.include_router(images.router)

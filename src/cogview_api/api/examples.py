@@ -305,3 +305,30 @@ KEY_LIMITS = {
     "own": ["submit_burst", "submit_rate"],
 }
 KEY_LIMITS_ANSWER = success(KEY_LIMITS)
+INFO_ANSWER = success(
+    {
+        "version": "0.1.0",
+        "models": ["cogview-4", "cogview-4-250304"],
+        "engine": "THUDM/CogView4-6B",
+        "note": None,
+        "credits_per_image": {"standard": 4, "hd": 4},
+        "default_quality": "hd",
+        "sizes": {
+            "presets": [
+                "1024*1024",
+                "768*1344",
+                "864*1152",
+                "1344*768",
+                "1152*864",
+                "1440*720",
+                "720*1440",
+            ],
+            "min_side": 512,
+            "max_side": 2048,
+            "side_multiple_of": 16,
+            "max_pixels": 2097152,
+        },
+        "max_prompt_chars": 1000,
+        "max_images_per_request": 4,
+    }
+)

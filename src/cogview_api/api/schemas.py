@@ -291,3 +291,27 @@ class LedgerPage(BaseModel):
     entries: list[LedgerEntryPublic]
     next_cursor: str | None
     has_more: bool
+
+
+class SizeRules(BaseModel):
+    """Outgoing: the sizes a submit accepts (the presets, or a custom W*H within these rules)."""
+
+    presets: list[str]
+    min_side: int
+    max_side: int
+    side_multiple_of: int
+    max_pixels: int
+
+
+class ServerInfoPublic(BaseModel):
+    """Outgoing, public (no key): what this server offers, for the try-it page and clients."""
+
+    version: str
+    models: list[str]
+    engine: str
+    note: str | None
+    credits_per_image: dict[str, int]
+    default_quality: str
+    sizes: SizeRules
+    max_prompt_chars: int
+    max_images_per_request: int
