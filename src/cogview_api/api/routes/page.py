@@ -15,3 +15,13 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/favicon.ico")
+def favicon() -> FileResponse:
+    # Browsers ask for it on every page load; the page itself links the SVG.
+    return FileResponse(
+        STATIC / "favicon.ico",
+        media_type="image/vnd.microsoft.icon",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
