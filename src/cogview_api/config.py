@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # How long the synchronous OpenAI and Zhipu routes hold a request for its task; under the
     # Zhipu SDK's 300 s read timeout, so its clients get our answer instead of a retry.
     sync_wait_seconds: float = Field(default=280.0, gt=0.0, le=3600.0)
+    # How long after a synchronous route's request a retry of it joins its task instead of
+    # making (and charging) a new one (docs/api.md, "Retries"); 0 turns the joining off.
+    retry_window_seconds: float = Field(default=600.0, ge=0.0, le=86400.0)
 
     # Credits: price per image by quality.
     price_standard: int = Field(default=4, ge=0)

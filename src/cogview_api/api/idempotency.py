@@ -59,9 +59,13 @@ def idempotency_key(request: Request, surface: str, body: dict[str, Any]) -> Ide
             f"{HEADER} must be one value of 1 to {MAX_KEY_CHARS} printable ASCII characters.",
             param=HEADER,
         )
+    return IdempotencyKey(value=value, request_hash=request_hash(surface, body))
+
+
+def request_hash(surface: str, body: dict[str, Any]) -> str:
+    """sha256 hex of the surface and the body in a canonical form (keys sorted, no whitespace)."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))  # ASCII: \u escapes
-    digest = hashlib.sha256(f"{surface}\n{canonical}".encode()).hexdigest()
-    return IdempotencyKey(value=value, request_hash=digest)
+    return hashlib.sha256(f"{surface}\n{canonical}".encode()).hexdigest()
 
 
 def _printable_ascii(value: str) -> bool:

@@ -26,6 +26,7 @@ from cogview_api.api.idempotency import idempotency_key
 from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.metrics import count_submitted
 from cogview_api.api.present import ImageLinks, Presign
+from cogview_api.api.retries import retry_match
 from cogview_api.config import Settings
 from cogview_api.domain import GenerationRequest, Task, TaskState
 from cogview_api.errors import LimitState, TaskCancelled, TaskFailed, WaitTimedOut
@@ -103,11 +104,18 @@ class GenerationServing:
         return ImageLinks(base=self.base_url(request), presign=self.presign)
 
     async def accept(
-        self, request: Request, *, surface: str, schema: type[Body], secret: str
+        self,
+        request: Request,
+        *,
+        surface: str,
+        schema: type[Body],
+        secret: str,
+        joins_retries: bool = False,
     ) -> Accepted[Body]:
         """Submit the request's body, read with `schema`: credits reserved with the task in one
-        transaction; with an Idempotency-Key, a retry gets the first request's task. Wakes
-        in-process workers for a new task. Raises our errors for the surface to render."""
+        transaction; with an Idempotency-Key, a retry gets the first request's task; with
+        `joins_retries` (the synchronous routes), so does an SDK's retry (api/retries.py).
+        Wakes in-process workers for a new task. Raises our errors for the surface to render."""
         raw = await request.body()
         read: list[Body] = []
 
@@ -122,6 +130,7 @@ class GenerationServing:
                 generation=body.to_domain(),
                 idempotency=idempotency_key(request, surface, data),
                 surface=surface,
+                retry=retry_match(request, surface, data) if joins_retries else None,
             )
 
         base = self.base_url(request)
@@ -194,10 +203,12 @@ class GenerationServing:
         images (the credits are refunded by then), WaitTimedOut if it is still running (it
         stays charged and keeps going; the message names it so the client can fetch it from
         the native API)."""
-        accepted = await self.accept(request, surface=surface, schema=schema, secret=secret)
+        accepted = await self.accept(
+            request, surface=surface, schema=schema, secret=secret, joins_retries=True
+        )
         task = accepted.task
         wait_s = self.settings.sync_wait_seconds
-        finished = await self.wait(secret, task.id, wait_s)
+        finished = await self._wait_for_client(request, secret, task.id, wait_s)
         if not finished.state.terminal:
             raise WaitTimedOut(
                 f"Task {task.id} did not finish within {wait_s:g} s. It is "
@@ -209,6 +220,43 @@ class GenerationServing:
         if finished.state is not TaskState.COMPLETED:
             raise TaskFailed(f"Task {task.id} failed: {reason}")
         return replace(accepted, task=finished)
+
+    async def _wait_for_client(
+        self, request: Request, secret: str, task_id: str, seconds: float
+    ) -> Task:
+        """`wait`, while watching the connection: a client that hangs up first (its timeout)
+        leaves the task marked `gone`, which lets its unmarked retry join it; a terminal answer
+        marks it `delivered`, so a later identical request is a new one (docs/api.md)."""
+        waiting = asyncio.ensure_future(self.wait(secret, task_id, seconds))
+        hang_up = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({waiting, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                await self._note(task_id, "gone")
+        if waiting.cancelled():  # the answer would reach nobody
+            raise WaitTimedOut(f"The client hung up before task {task_id} finished.")
+        finished = waiting.result()
+        if finished.state.terminal:
+            await self._note(task_id, "delivered")
+        return finished
+
+    async def _note(self, task_id: str, answer: generation.SyncAnswer) -> None:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(
+                lambda: generation.note_answer(self.db, task_id=task_id, answer=answer)
+            )
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is read by then, so the next message of
+    the connection is its end)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def give_back(slot: Slot) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import Connection
 
@@ -27,6 +28,7 @@ from cogview_api.services.limits import effective_limits
 from cogview_api.services.text import refuse_unstorable_text
 from cogview_api.store import idempotency as idempotency_store
 from cogview_api.store import ratelimit as rate_store
+from cogview_api.store import sync_requests as sync_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.store.ratelimit import SubmitRate
@@ -41,10 +43,24 @@ class IdempotencyKey:
     request_hash: str
 
 
+SyncAnswer = sync_store.Answer  # how a synchronous route's request ended: gone | delivered
+
+
+@dataclass(frozen=True)
+class RetryMatch:
+    """What tells a synchronous route's retry from a new request (docs/api.md, "Retries"): the
+    hash of its surface and body (the API layer computes it), and whether it carries an SDK's
+    retry marker."""
+
+    request_hash: str
+    marked: bool
+
+
 @dataclass(frozen=True)
 class Submission:
     task: Task
-    replayed: bool  # True: an earlier request with the same Idempotency-Key created the task
+    # True: an earlier request made the task (same Idempotency-Key, or an SDK retry joined it)
+    replayed: bool
     # The key's limits after this submit (none for a replay, which counted against nothing).
     limits: tuple[LimitState, ...] = ()
 
@@ -103,6 +119,8 @@ class SubmitRequest:
     generation: GenerationRequest
     idempotency: IdempotencyKey | None = None
     surface: str = "native"  # the API it came in by, recorded for the usage reports
+    # Set by the synchronous routes: a retry of an earlier request joins its task.
+    retry: RetryMatch | None = None
 
 
 def submit_for(
@@ -133,10 +151,7 @@ def submit_for(
         with db.write() as conn:
             key = authenticate_in(conn, secret)
             _refuse_unstorable(request)
-            task, limits = _insert(
-                conn, settings, key=key, request=request, base_url=base_url, surface=submit.surface
-            )
-        return Submission(task, replayed=False, limits=limits)
+            return _join_or_insert(conn, settings, key=key, submit=submit, base_url=base_url)
     with db.read() as conn:
         key = authenticate_in(conn, secret)
         if problem is not None:
@@ -156,6 +171,7 @@ def submit_for(
         base_url=base_url,
         idem=idem,
         surface=submit.surface,
+        retry=submit.retry,
     )
 
 
@@ -186,6 +202,7 @@ def _submit_new(
     base_url: str | None,
     idem: IdempotencyKey | None,
     surface: str = "native",
+    retry: RetryMatch | None = None,
 ) -> Submission:
     refuse_unsafe_callback(request.callback_url, settings)
     for _ in range(_CLAIM_PASSES):
@@ -198,17 +215,70 @@ def _submit_new(
                     idempotency_store.claim(
                         conn, key_id=key.id, idem_key=idem.value, request_hash=idem.request_hash
                     )
-                task, limits = _insert(
-                    conn, settings, key=key, request=request, base_url=base_url, surface=surface
-                )
+                # With an Idempotency-Key, its record answers the retries instead.
+                joins = retry if idem is None else None
+                submit = SubmitRequest(request, idempotency=idem, surface=surface, retry=joins)
+                done = _join_or_insert(conn, settings, key=key, submit=submit, base_url=base_url)
                 if idem is not None:
                     idempotency_store.attach(
-                        conn, key_id=key.id, idem_key=idem.value, task_id=task.id
+                        conn, key_id=key.id, idem_key=idem.value, task_id=done.task.id
                     )
-                return Submission(task, replayed=False, limits=limits)
+                return done
         except idempotency_store.KeyClaimedMeanwhile:
             continue  # rolled back; the next pass finds the record that won
     raise ServiceUnavailable("The Idempotency-Key is busy; try again shortly.", retry_after=1)
+
+
+def _join_or_insert(
+    conn: Connection,
+    settings: Settings,
+    *,
+    key: ApiKey,
+    submit: SubmitRequest,
+    base_url: str | None,
+) -> Submission:
+    """Insert the task, in the caller's transaction; for a synchronous route's request, first
+    look for the task it retries (joined: replayed, charged nothing), and remember the new
+    task's request for its own retries."""
+    retry = submit.retry
+    window = timedelta(seconds=settings.retry_window_seconds)
+    if retry is not None and window:
+        now = clock.utcnow()
+        joined = sync_store.find_retried(
+            conn,
+            key_id=key.id,
+            request_hash=retry.request_hash,
+            since=now - window,
+            marked=retry.marked,
+        )
+        if joined is not None:
+            task = task_store.get_task(conn, joined, batch_size=settings.max_batch_size)
+            return Submission(task, replayed=True)
+    task, limits = _insert(
+        conn,
+        settings,
+        key=key,
+        request=submit.generation,
+        base_url=base_url,
+        surface=submit.surface,
+    )
+    if retry is not None and window:
+        sync_store.record(
+            conn,
+            key_id=key.id,
+            request_hash=retry.request_hash,
+            task_id=task.id,
+            now=task.created_at,
+            window=window,
+        )
+    return Submission(task, replayed=False, limits=limits)
+
+
+def note_answer(db: Database, *, task_id: str, answer: SyncAnswer) -> None:
+    """Record how a synchronous route's request for the task ended: `gone` (its client hung up
+    before the answer, so a retry may join the task) or `delivered`."""
+    with db.write() as conn:
+        sync_store.mark(conn, task_id=task_id, answer=answer)
 
 
 def _insert(

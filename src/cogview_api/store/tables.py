@@ -184,6 +184,23 @@ idempotency_keys = Table(
     Index("ix_idempotency_keys_created_at", "created_at"),
 )
 
+# One row per submit on the synchronous OpenAI and Zhipu routes: the hash of its key, surface
+# and body, and whether its answer reached the client, so an SDK's retry of it joins its task
+# instead of paying again (store/sync_requests.py, migration 0013).
+sync_requests = Table(
+    "sync_requests",
+    metadata,
+    Column("task_id", String(64), ForeignKey("tasks.id"), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("request_hash", String(64), nullable=False),  # sha256 hex of surface + body
+    # NULL: the request is still waiting for its answer; gone: its client hung up before the
+    # answer; delivered: a request of it was answered with the finished task.
+    Column("answer", String(16), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_sync_requests_key_id_request_hash", "key_id", "request_hash"),
+    Index("ix_sync_requests_key_id_created_at", "key_id", "created_at"),
+)
+
 # One webhook delivery per task with a callback_url, written by the transaction that settles
 # the task; it is also the dispatchers' queue (state pending, due at next_attempt_at).
 webhook_deliveries = Table(
