@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from cogview_api import __version__
 from cogview_api.config import Settings
 from cogview_api.errors import CogviewError, EngineLoadError, StartError
-from cogview_api.services import follow_limits
 from cogview_api.services import keys as key_service
 from cogview_api.services import limits as limit_service
 from cogview_api.services.limits import KeyLimits
@@ -76,12 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--rate", type=float, help="submits per second; 0 = no rate limit")
     limits.add_argument("--burst", type=int, help="submits at once after a quiet spell")
     limits.add_argument("--max-waiting", type=int, help="tasks waiting at once")
+    limits.add_argument("--max-streams", type=int, help="event streams open at once")
+    limits.add_argument("--max-waits", type=int, help="Prefer: wait submits waiting at once")
     limits.add_argument("--reset", action="store_true", help="drop the key's own limits")
     limits.add_argument("--json", action="store_true")
 
     follow = keys.add_parser(
         "follow-limits",
-        help="show a key's caps on open event streams and Prefer: wait; with options, set them",
+        help="show a key's caps on open event streams and Prefer: wait; with options, set them"
+        " (the same as `keys limits --max-streams/--max-waits`)",
     )
     follow.add_argument("key_id")
     follow.add_argument("--max-streams", type=int, help="event streams open at once")
@@ -136,7 +138,8 @@ def _key_dict(key: Any) -> dict[str, Any]:
 
 
 def _key_limits(args: argparse.Namespace, settings: Settings, db: Database) -> KeyLimits:
-    if args.reset or any(v is not None for v in (args.rate, args.burst, args.max_waiting)):
+    values = (args.rate, args.burst, args.max_waiting, args.max_streams, args.max_waits)
+    if args.reset or any(v is not None for v in values):
         return limit_service.set_key_limits(
             db,
             settings,
@@ -144,10 +147,36 @@ def _key_limits(args: argparse.Namespace, settings: Settings, db: Database) -> K
             submit_rate=args.rate,
             submit_burst=args.burst,
             max_waiting=args.max_waiting,
+            max_streams=args.max_streams,
+            max_waits=args.max_waits,
             reset=args.reset,
             actor=_actor(),
         )
     return limit_service.key_limits(db, settings, args.key_id)
+
+
+FOLLOW_CAPS = frozenset({"max_streams", "max_waits"})
+
+
+def _follow_limits(args: argparse.Namespace, settings: Settings, db: Database) -> KeyLimits:
+    """`keys follow-limits`, the older command for the two caps: `--reset` drops only those
+    (and may come with a new value for one of them, the other then back to the settings')."""
+    given = {
+        name
+        for name, value in (("max_streams", args.max_streams), ("max_waits", args.max_waits))
+        if value is not None
+    }
+    if not args.reset and not given:
+        return limit_service.key_limits(db, settings, args.key_id)
+    return limit_service.set_key_limits(
+        db,
+        settings,
+        args.key_id,
+        max_streams=args.max_streams,
+        max_waits=args.max_waits,
+        reset=FOLLOW_CAPS - given if args.reset else False,
+        actor=_actor(),
+    )
 
 
 def _print_limits(limits: KeyLimits, *, as_json: bool) -> None:
@@ -155,6 +184,8 @@ def _print_limits(limits: KeyLimits, *, as_json: bool) -> None:
         "submit_rate": limits.submit_rate,
         "submit_burst": limits.submit_burst,
         "max_waiting": limits.max_waiting,
+        "max_streams": limits.max_streams,
+        "max_waits": limits.max_waits,
     }
     if as_json:
         print(json.dumps({"id": limits.key_id, **values, "own": sorted(limits.own)}))
@@ -284,18 +315,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "keys" and args.keys_command == "limits":
         _print_limits(_key_limits(args, settings, db), as_json=args.json)
     elif args.command == "keys" and args.keys_command == "follow-limits":
-        if args.max_streams is None and args.max_waits is None and not args.reset:
-            caps = follow_limits.own_caps(db, args.key_id)
-        else:
-            caps = follow_limits.set_own_caps(
-                db,
-                args.key_id,
-                max_streams=args.max_streams,
-                max_waits=args.max_waits,
-                reset=args.reset,
-            )
-        streams = caps.max_streams or f"{settings.max_streams_per_key} (default)"
-        waits = caps.max_waits or f"{settings.max_waits_per_key} (default)"
+        limits = _follow_limits(args, settings, db)
+        caps = (("max_streams", limits.max_streams), ("max_waits", limits.max_waits))
+        streams, waits = (
+            f"{value}" if name in limits.own else f"{value} (default)" for name, value in caps
+        )
         print(f"{args.key_id}: max streams {streams}, max waits {waits}")
     elif args.command == "credits":
         key = key_service.grant_credits(

@@ -324,6 +324,8 @@ class ApiKey:
     submit_rate: float | None = None
     submit_burst: int | None = None
     max_waiting: int | None = None
+    max_streams: int | None = None  # event streams open at once
+    max_waits: int | None = None  # `Prefer: wait` submits waiting at once
 
 
 def _as_members(obj: object, **fields: type[StrEnum]) -> None:

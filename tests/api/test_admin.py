@@ -9,6 +9,7 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.support import (
     background_worker,
     complete_next_task,
     in_process_api,
+    sse_items,
 )
 
 TOKEN = "adm_" + "x7Kq2P9vLm4Rt8Wz" * 3
@@ -95,6 +97,21 @@ def audit_rows(api: InProcessApi) -> list[tuple[str, str, str | None]]:
             )
         ).all()
     return [(r.actor, r.action, r.key_id) for r in rows]
+
+
+NO_LIMITS = "Give submit_rate, submit_burst, max_waiting, max_streams or max_waits, or reset: true."
+
+
+@contextmanager
+def open_stream(api: InProcessApi, key: str, task_id: str) -> Iterator[None]:
+    """A task's event stream whose first frame has arrived (so the server holds it open)."""
+    with (
+        httpx.Client(base_url=api.base_url, timeout=30) as c,
+        c.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r,
+    ):
+        assert r.status_code == 200, r.read()
+        assert next(sse_items(r))[0] == "task"
+        yield
 
 
 def submit(api: InProcessApi, key: str, **changes: Any) -> str:
@@ -357,6 +374,8 @@ def test_a_keys_limits_are_read_set_and_reset_and_hold_from_its_next_submit(
         "submit_rate": 10.0,
         "submit_burst": 50,
         "max_waiting": 100,
+        "max_streams": 20,
+        "max_waits": 20,
         "own": [],
     }
     assert data(c.get(url, headers=ADMIN)) == defaults
@@ -384,22 +403,49 @@ def test_a_keys_limits_are_read_set_and_reset_and_hold_from_its_next_submit(
     assert (got["submit_burst"], got["max_waiting"]) == (2, 7)
     again = c.post("/api/v1/images/generations", json=body, headers=auth(key["key"]))
     native_error(again, 429, "rate_limit_exceeded")
+    # The caps on open event streams and waits are limits of the key like the others: one
+    # stream open, the next is refused; another key's are not touched.
+    got = data(c.put(url, json={"max_streams": 1, "max_waits": 3}, headers=ADMIN))
+    assert (got["max_streams"], got["max_waits"], got["max_waiting"]) == (1, 3, 7)
+    assert got["own"] == [
+        "max_streams",
+        "max_waiting",
+        "max_waits",
+        "submit_burst",
+        "submit_rate",
+    ]
+    task_id = first.json()["data"]["task_id"]
+    events = f"/api/v1/tasks/{task_id}/events"
+    with open_stream(admin_api, key["key"], task_id):
+        with (
+            httpx.Client(base_url=admin_api.base_url, timeout=10) as client,
+            client.stream("GET", events, headers=auth(key["key"])) as second,
+        ):
+            second.read() if second.status_code == 429 else None
+            assert "its own cap" in native_error(second, 429, "rate_limit_exceeded")["message"]
     # Reset drops them all, and the slow rate's state with them: the defaults' full burst.
     assert data(c.put(url, json={"reset": True}, headers=ADMIN)) == defaults
     fourth = c.post("/api/v1/images/generations", json=body, headers=auth(key["key"]))
     assert fourth.status_code == 200, fourth.text
     assert fourth.headers["ratelimit-policy"].startswith('"submits";q=50;')
     assert fourth.headers["ratelimit"].startswith('"submits";r=49;')
+    with open_stream(admin_api, key["key"], task_id), open_stream(admin_api, key["key"], task_id):
+        pass  # the default cap again
 
     assert [(a, k) for _, a, k in audit_rows(admin_api)][1:] == [
         ("keys.limits.get", key["id"]),
         ("keys.limits.set", key["id"]),
         ("keys.limits.get", key["id"]),
         ("keys.limits.set", key["id"]),
+        ("keys.limits.set", key["id"]),
         ("keys.limits.reset", key["id"]),
     ]
-    log = data(c.get("/admin/v1/audit", params={"key_id": key["id"], "limit": 3}, headers=ADMIN))
-    assert [e["detail"] for e in log["entries"]][1:] == [{}, {"max_waiting": 7}]
+    log = data(c.get("/admin/v1/audit", params={"key_id": key["id"], "limit": 4}, headers=ADMIN))
+    assert [(e["actor"], e["detail"]) for e in log["entries"]][1:] == [
+        ("ops", {}),
+        ("ops", {"max_streams": 1, "max_waits": 3}),
+        ("ops", {"max_waiting": 7}),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -415,8 +461,15 @@ def test_a_keys_limits_are_read_set_and_reset_and_hold_from_its_next_submit(
         ({"reset": "yes"}, "reset", None),
         ({"burst": 5}, "burst", None),
         ({"reset": True, "submit_rate": 2}, "reset", "Give either new limits or reset, not both."),
-        ({}, None, "Give submit_rate, submit_burst or max_waiting, or reset: true."),
-        ({"submit_rate": None}, None, "Give submit_rate, submit_burst or max_waiting"),
+        ({"max_streams": 0}, "max_streams", "The max streams must be from 1 to 100000; got 0."),
+        ({"max_streams": 100_001}, "max_streams", "The max streams must be from 1 to 100000"),
+        ({"max_waits": -1}, "max_waits", "The max waits must be from 1 to 100000; got -1."),
+        ({"max_waits": "2"}, "max_waits", None),
+        ({"max_streams": 1.5}, "max_streams", None),
+        ({"reset": True, "max_waits": 2}, "reset", "Give either new limits or reset, not both."),
+        ({"submit_burst": 3, "max_streams": 0}, "max_streams", "The max streams must be"),
+        ({}, None, NO_LIMITS),
+        ({"submit_rate": None}, None, NO_LIMITS),
     ],
 )
 def test_bad_limits_are_400_naming_the_field_and_change_nothing(

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from cogview_api.config import Settings
 from cogview_api.engine import EngineJob, ProgressFn
@@ -24,6 +24,7 @@ from cogview_api.services import keys as key_service
 from cogview_api.services.follow_limits import FollowLimits
 from cogview_api.services.watch import TaskWatcher
 from cogview_api.storage import open_storage
+from cogview_api.store.tables import admin_audit
 from cogview_api.worker.loop import Worker
 from tests.api.test_bad_input import assert_error
 from tests.support import (
@@ -343,3 +344,10 @@ def test_a_key_with_its_own_cap(api: InProcessApi, tmp_path: Path) -> None:
     assert follow_limits("--reset").returncode == 0
     with open_stream(api, own, own_task), open_stream(api, own, own_task):
         pass
+    # Its changes are in the audit log as `cli:<user>`, as those of `keys limits`; a read is not.
+    with api.db.read() as conn:
+        rows = conn.execute(
+            select(admin_audit.c.actor, admin_audit.c.action).where(admin_audit.c.key_id == own_id)
+        ).all()
+    assert [r.action for r in rows] == ["keys.limits.set", "keys.limits.reset"]
+    assert all(r.actor.startswith("cli") for r in rows)

@@ -35,8 +35,17 @@ def test_keys_and_credits_lifecycle(tmp_path: Path, tiny_cache: Path) -> None:
     assert granted.returncode == 0 and "balance 16" in granted.stdout
     too_much = cli(tmp_path, env, "credits", "grant", key["id"], "-17")
     assert too_much.returncode == 1 and "Insufficient credits" in too_much.stderr
-    limited = cli(tmp_path, env, "keys", "limits", key["id"], "--burst", "4", "--json")
-    assert limited.returncode == 0 and json.loads(limited.stdout)["own"] == ["submit_burst"]
+    limited = cli(
+        tmp_path, env, "keys", "limits", key["id"], "--burst", "4", "--max-streams", "3", "--json"
+    )
+    assert limited.returncode == 0, limited.stderr
+    shown = json.loads(limited.stdout)
+    assert shown["own"] == ["max_streams", "submit_burst"]
+    assert (shown["max_streams"], shown["max_waits"]) == (3, 20)
+    # The older command for the two caps is the same service, and audited as well.
+    follow = cli(tmp_path, env, "keys", "follow-limits", key["id"], "--max-waits", "2")
+    assert follow.returncode == 0, follow.stderr
+    assert follow.stdout.strip() == f"{key['id']}: max streams 3, max waits 2"
     assert cli(tmp_path, env, "keys", "limits", key["id"]).returncode == 0  # a read: not logged
 
     listed = json.loads(cli(tmp_path, env, "keys", "list", "--json").stdout)
@@ -80,6 +89,7 @@ def test_keys_and_credits_lifecycle(tmp_path: Path, tiny_cache: Path) -> None:
         ("keys.create", key["id"]),
         ("keys.create", listed[1]["id"]),
         ("credits.grant", key["id"]),
+        ("keys.limits.set", key["id"]),
         ("keys.limits.set", key["id"]),
         ("keys.revoke", key["id"]),
     ]

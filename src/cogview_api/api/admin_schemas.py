@@ -55,6 +55,16 @@ class KeyLimitsChange(BaseModel):
         description="Tasks of the key waiting at once.",
         json_schema_extra={"minimum": 1, "maximum": 2**31 - 1},
     )
+    max_streams: int | None = Field(
+        default=None,
+        description="Task event streams of the key open at once.",
+        json_schema_extra={"minimum": 1, "maximum": 100_000},
+    )
+    max_waits: int | None = Field(
+        default=None,
+        description="`Prefer: wait` submits of the key waiting at once.",
+        json_schema_extra={"minimum": 1, "maximum": 100_000},
+    )
     reset: bool = Field(default=False, description="Drop the key's own limits.")
 
 
@@ -66,6 +76,8 @@ class KeyLimitsPublic(BaseModel):
     submit_rate: float
     submit_burst: int
     max_waiting: int
+    max_streams: int
+    max_waits: int
     own: list[str]
 
 

@@ -295,6 +295,10 @@ KEY_LIMITS_REQUESTS = {
         "value": {"submit_rate": 2, "submit_burst": 5},
     },
     "no_rate": {"summary": "No submit rate limit for this key", "value": {"submit_rate": 0}},
+    "follow_caps": {
+        "summary": "Its own caps on open event streams and waiting `Prefer: wait` submits",
+        "value": {"max_streams": 5, "max_waits": 2},
+    },
     "reset": {"summary": "Back to the server's settings", "value": {"reset": True}},
 }
 KEY_LIMITS = {
@@ -302,6 +306,8 @@ KEY_LIMITS = {
     "submit_rate": 2.0,
     "submit_burst": 5,
     "max_waiting": 100,
+    "max_streams": 20,
+    "max_waits": 20,
     "own": ["submit_burst", "submit_rate"],
 }
 KEY_LIMITS_ANSWER = success(KEY_LIMITS)

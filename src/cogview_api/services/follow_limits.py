@@ -1,5 +1,6 @@
 """Per-key caps on what holds a request open while following a task: event streams and
-`Prefer: wait` submits (`COGVIEW_MAX_STREAMS_PER_KEY`, `COGVIEW_MAX_WAITS_PER_KEY`).
+`Prefer: wait` submits (`COGVIEW_MAX_STREAMS_PER_KEY`, `COGVIEW_MAX_WAITS_PER_KEY`, or the
+key's own `max_streams` / `max_waits`, set through services/limits.py).
 
 The slots live in the database (`follow_slots`), so every API process enforces the same
 numbers. Taking one is one write transaction: the key found by its secret's hash and its row
@@ -17,7 +18,7 @@ import threading
 from datetime import timedelta
 from typing import Literal
 
-from cogview_api.errors import CogviewError, InvalidRequest, RateLimited
+from cogview_api.errors import CogviewError, RateLimited
 from cogview_api.services.keys import usable_key
 from cogview_api.store import follow_slots as slot_store
 from cogview_api.store.db import Database
@@ -54,10 +55,8 @@ class FollowLimits:
         PermissionDenied for a secret that may not be used, RateLimited when the key holds its
         most. Blocking: call from a thread."""
         with self.db.write() as conn:
-            found = slot_store.lock_key(conn, secret)
-            key = usable_key(found[0] if found else None)
-            assert found is not None
-            own = found[1].max_streams if kind == "stream" else found[1].max_waits
+            key = usable_key(slot_store.lock_key(conn, secret))
+            own = key.max_streams if kind == "stream" else key.max_waits
             most = self._most[kind] if own is None else own
             held = slot_store.held(conn, key_id=key.id, kind=kind)
             if held >= most:
@@ -115,37 +114,3 @@ class Slot:
         limits, self._limits = self._limits, None
         if limits is not None:
             limits._release(self.id)
-
-
-# Highest own cap a key may be given: far more than any client holds open, well inside a column.
-MAX_OWN_CAP = 100_000
-
-
-def own_caps(db: Database, key_id: str) -> slot_store.OwnCaps:
-    with db.read() as conn:
-        return slot_store.own_caps(conn, key_id)
-
-
-def set_own_caps(
-    db: Database,
-    key_id: str,
-    *,
-    max_streams: int | None,
-    max_waits: int | None,
-    reset: bool = False,
-) -> slot_store.OwnCaps:
-    """Give the key its own caps (a None leaves that one as it is; `reset`: the settings'
-    defaults again for both). Raises InvalidRequest out of 1..MAX_OWN_CAP, NotFound."""
-    for name, value in (("max streams", max_streams), ("max waits", max_waits)):
-        if value is not None and not 1 <= value <= MAX_OWN_CAP:
-            raise InvalidRequest(f"The {name} must be from 1 to {MAX_OWN_CAP}; got {value}.")
-    with db.write() as conn:
-        caps = slot_store.own_caps(conn, key_id)
-        if reset:
-            caps = slot_store.OwnCaps(max_streams=None, max_waits=None)
-        caps = slot_store.OwnCaps(
-            max_streams=caps.max_streams if max_streams is None else max_streams,
-            max_waits=caps.max_waits if max_waits is None else max_waits,
-        )
-        slot_store.set_own_caps(conn, key_id, caps)
-        return caps

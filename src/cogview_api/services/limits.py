@@ -1,7 +1,10 @@
 """Per-key limits: the settings' defaults, a key's own values over them, and setting those.
 
-Used by the submit (services/generation.py), the CLI (`cogview-api keys limits`) and the admin
-API (`/admin/v1/keys/{id}/limits`): each reads and sets a key's limits here, with the same checks.
+The limits: the submit rate and burst and the waiting tasks (held by services/generation.py),
+and the caps on open event streams and waiting `Prefer: wait` requests (held by
+services/follow_limits.py). Used by the CLI (`cogview-api keys limits`, and its older
+`keys follow-limits` for the two caps) and the admin API (`/admin/v1/keys/{id}/limits`): each
+reads and sets a key's limits here, with the same checks.
 Given an `actor` (the admin token's name, or `cli:<user>`), a read or a change writes its audit
 row in the same transaction.
 """
@@ -22,6 +25,10 @@ from cogview_api.store.db import Database
 MAX_SUBMIT_RATE = 1_000_000.0
 MAX_SUBMIT_BURST = 1_000_000
 MAX_WAITING = 2**31 - 1
+# Highest own cap on open streams or waits: far more than any client holds open, as the settings.
+MAX_OWN_CAP = 100_000
+
+NAMES = ("submit_rate", "submit_burst", "max_waiting", "max_streams", "max_waits")
 
 
 @dataclass(frozen=True)
@@ -33,20 +40,20 @@ class KeyLimits:
     submit_rate: float
     submit_burst: int
     max_waiting: int
+    max_streams: int
+    max_waits: int
     own: frozenset[str]
 
 
 def effective_limits(settings: Settings, key: ApiKey) -> KeyLimits:
-    own = {
-        name
-        for name in ("submit_rate", "submit_burst", "max_waiting")
-        if getattr(key, name) is not None
-    }
+    own = {name for name in NAMES if getattr(key, name) is not None}
     return KeyLimits(
         key_id=key.id,
         submit_rate=settings.submit_rate if key.submit_rate is None else key.submit_rate,
         submit_burst=settings.submit_burst if key.submit_burst is None else key.submit_burst,
         max_waiting=settings.max_waiting_per_key if key.max_waiting is None else key.max_waiting,
+        max_streams=settings.max_streams_per_key if key.max_streams is None else key.max_streams,
+        max_waits=settings.max_waits_per_key if key.max_waits is None else key.max_waits,
         own=frozenset(own),
     )
 
@@ -72,17 +79,28 @@ def set_key_limits(
     submit_rate: float | None = None,
     submit_burst: int | None = None,
     max_waiting: int | None = None,
-    reset: bool = False,
+    max_streams: int | None = None,
+    max_waits: int | None = None,
+    reset: bool | frozenset[str] = False,
     actor: str | None = None,
 ) -> KeyLimits:
     """Give the key its own values for the limits named (the others keep theirs), or with
-    `reset`, drop all its own values (it follows the settings again). They hold from the key's
-    next submit, on every replica; a new rate or burst (or a reset) starts the key with a full
-    burst. Returns the limits in effect; InvalidRequest for a value out of range (or values
-    given with `reset`), NotFound for an unknown key."""
-    values = {"submit_rate": submit_rate, "submit_burst": submit_burst, "max_waiting": max_waiting}
+    `reset`, drop all its own values (it follows the settings again). `reset` may instead name
+    the limits to drop, beside new values for others (`keys follow-limits --reset`). They hold
+    from the key's next submit (the caps: its next stream or wait), on every replica; a new rate
+    or burst (or a reset) starts the key with a full burst. Returns the limits in effect;
+    InvalidRequest for a value out of range (or values given with `reset`), NotFound for an
+    unknown key."""
+    values = {
+        "submit_rate": submit_rate,
+        "submit_burst": submit_burst,
+        "max_waiting": max_waiting,
+        "max_streams": max_streams,
+        "max_waits": max_waits,
+    }
     given = {name: value for name, value in values.items() if value is not None}
-    if reset and given:
+    dropped = frozenset(NAMES if reset is True else reset or ())
+    if dropped & given.keys():
         raise InvalidRequest("Give either new limits or reset, not both.", param="reset")
     if submit_rate is not None and not (
         math.isfinite(submit_rate) and 0 <= submit_rate <= MAX_SUBMIT_RATE
@@ -99,9 +117,15 @@ def set_key_limits(
         raise InvalidRequest(
             f"The waiting tasks limit must be from 1 to {MAX_WAITING}.", param="max_waiting"
         )
+    for name, value in (("max_streams", max_streams), ("max_waits", max_waits)):
+        if value is not None and not 1 <= value <= MAX_OWN_CAP:
+            raise InvalidRequest(
+                f"The {name.replace('_', ' ')} must be from 1 to {MAX_OWN_CAP}; got {value}.",
+                param=name,
+            )
     with db.write() as conn:
-        changes: dict[str, object] = dict.fromkeys(values) if reset else dict(given)
-        if reset or "submit_rate" in given or "submit_burst" in given:
+        changes: dict[str, object] = {**dict.fromkeys(dropped), **given}
+        if {"submit_rate", "submit_burst"} & changes.keys():
             # The key's rate state was kept in the old rate's terms: a slow rate's TAT can lie
             # hours ahead and would hold a faster new rate (or the defaults) back as long. A new
             # rate starts the key afresh, with its full burst.
@@ -112,7 +136,7 @@ def set_key_limits(
             else key_store.get_key(conn, key_id)
         )
         if actor is not None:
-            action = "keys.limits.reset" if reset else "keys.limits.set"
+            action = "keys.limits.reset" if dropped else "keys.limits.set"
             if not changes:
                 action = "keys.limits.get"
             audit_store.record(

@@ -4,14 +4,12 @@ open request, shared by every API process (services/follow_limits.py holds the r
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import ApiKey
-from cogview_api.errors import NotFound
 from cogview_api.store.keys import hash_key, key_from
 from cogview_api.store.tables import api_keys, follow_slots
 
@@ -30,37 +28,9 @@ _HELD = (
 )
 
 
-@dataclass(frozen=True)
-class OwnCaps:
-    """A key's own caps; None: the settings' default."""
-
-    max_streams: int | None
-    max_waits: int | None
-
-
-def lock_key(conn: Connection, secret: str) -> tuple[ApiKey, OwnCaps] | None:
+def lock_key(conn: Connection, secret: str) -> ApiKey | None:
     row = conn.execute(_KEY_FOR_UPDATE, {"key_hash": hash_key(secret)}).first()
-    if row is None:
-        return None
-    return key_from(row._mapping), OwnCaps(max_streams=row.max_streams, max_waits=row.max_waits)
-
-
-def own_caps(conn: Connection, key_id: str) -> OwnCaps:
-    row = conn.execute(
-        select(api_keys.c.max_streams, api_keys.c.max_waits).where(api_keys.c.id == key_id)
-    ).first()
-    if row is None:
-        raise NotFound(f"No API key with id {key_id!r}.")
-    return OwnCaps(max_streams=row.max_streams, max_waits=row.max_waits)
-
-
-def set_own_caps(conn: Connection, key_id: str, caps: OwnCaps) -> None:
-    own_caps(conn, key_id)  # NotFound first
-    conn.execute(
-        update(api_keys)
-        .where(api_keys.c.id == key_id)
-        .values(max_streams=caps.max_streams, max_waits=caps.max_waits)
-    )
+    return None if row is None else key_from(row._mapping)
 
 
 def held(conn: Connection, *, key_id: str, kind: str) -> int:

@@ -208,4 +208,6 @@ def key_from(m: Mapping[Any, Any]) -> ApiKey:
         submit_rate=m["submit_rate"],
         submit_burst=m["submit_burst"],
         max_waiting=m["max_waiting"],
+        max_streams=m["max_streams"],
+        max_waits=m["max_waits"],
     )

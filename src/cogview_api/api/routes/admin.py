@@ -200,7 +200,7 @@ async def rotate_webhook_secret(key_id: str, actor: Actor, backends: BackendsDep
 
 
 BAD_BURST = f"The burst must be from 1 to {limit_service.MAX_SUBMIT_BURST} submits."
-NO_LIMITS = "Give submit_rate, submit_burst or max_waiting, or reset: true."
+NO_LIMITS = "Give submit_rate, submit_burst, max_waiting, max_streams or max_waits, or reset: true."
 
 
 def limits_public(limits: limit_service.KeyLimits) -> KeyLimitsPublic:
@@ -209,6 +209,8 @@ def limits_public(limits: limit_service.KeyLimits) -> KeyLimitsPublic:
         submit_rate=limits.submit_rate,
         submit_burst=limits.submit_burst,
         max_waiting=limits.max_waiting,
+        max_streams=limits.max_streams,
+        max_waits=limits.max_waits,
         own=sorted(limits.own),
     )
 
@@ -242,7 +244,13 @@ async def put_key_limits(
     key_id: str, request: Request, actor: Actor, backends: BackendsDep, settings: SettingsDep
 ) -> Any:
     body = await read_body(request, KeyLimitsChange)
-    values = (body.submit_rate, body.submit_burst, body.max_waiting)
+    values = (
+        body.submit_rate,
+        body.submit_burst,
+        body.max_waiting,
+        body.max_streams,
+        body.max_waits,
+    )
     if not body.reset and all(v is None for v in values):
         raise InvalidRequest(NO_LIMITS)
     limits = await run_in_threadpool(
@@ -253,6 +261,8 @@ async def put_key_limits(
             submit_rate=body.submit_rate,
             submit_burst=body.submit_burst,
             max_waiting=body.max_waiting,
+            max_streams=body.max_streams,
+            max_waits=body.max_waits,
             reset=body.reset,
             actor=actor,
         )
