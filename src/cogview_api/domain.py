@@ -19,6 +19,7 @@ MAX_PROMPT_CHARS = 1000
 MAX_USER_ID_CHARS = 128
 MAX_IMAGES_PER_REQUEST = 4
 MAX_SEED = 2**32 - 1
+DEFAULT_COMPRESSION = 92  # JPEG/WebP quality when a request names none
 MAX_PIXELS = 2**21
 MIN_SIDE = 512  # a custom size's width and height: MIN_SIDE..MAX_SIDE, multiples of SIDE_STEP
 MAX_SIDE = 2048
@@ -183,6 +184,8 @@ class GenerationRequest:
     output_format: OutputFormat = OutputFormat.PNG
     user_id: str | None = None
     callback_url: str | None = None
+    # JPEG/WebP encoder quality 0..100 (OpenAI's `output_compression`); None: the default.
+    output_compression: int | None = None
 
     def __post_init__(self) -> None:
         _as_members(self, quality=Quality, output_format=OutputFormat)
@@ -287,6 +290,7 @@ class Task:
     request_id: str | None = None  # X-Request-ID of the request that created it (for logs)
     surface: str = "native"  # the API it came in by: native, openai or zhipu (for metrics)
     webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
+    output_compression: int | None = None  # JPEG/WebP quality; None: DEFAULT_COMPRESSION
 
     def __post_init__(self) -> None:
         _as_members(self, quality=Quality, output_format=OutputFormat)

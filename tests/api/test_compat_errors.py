@@ -79,6 +79,30 @@ OPENAI_FIELD_CASES = [
     ("user-129-chars", openai_body(user="u" * 129), "user"),
     ("unknown-style", openai_body(style="vivid"), "style"),
     ("native-only-seed", openai_body(seed=1), "seed"),
+    (
+        "output-compression-101",
+        openai_body(output_format="jpeg", output_compression=101),
+        "output_compression",
+    ),
+    (
+        "output-compression-negative",
+        openai_body(output_format="webp", output_compression=-1),
+        "output_compression",
+    ),
+    (
+        "output-compression-float",
+        openai_body(output_format="jpeg", output_compression=80.5),
+        "output_compression",
+    ),
+    ("output-compression-png", openai_body(output_compression=80), "output_compression"),
+    ("background-transparent", openai_body(background="transparent"), "background"),
+    ("background-white", openai_body(background="white"), "background"),
+    ("moderation-high", openai_body(moderation="high"), "moderation"),
+    ("safety-identifier-129-chars", openai_body(safety_identifier="u" * 129), "safety_identifier"),
+    ("two-different-end-users", openai_body(user="a", safety_identifier="b"), "safety_identifier"),
+    ("stream-true", openai_body(stream=True), "stream"),
+    ("stream-string", openai_body(stream="yes"), "stream"),
+    ("partial-images", openai_body(partial_images=2), "partial_images"),
 ]
 
 
@@ -104,8 +128,55 @@ ZHIPU_FIELD_CASES = [
     ("size-auto", zhipu_body(size="auto"), "1214"),
     ("quality-high", zhipu_body(quality="high"), "1214"),
     ("user-id-129-chars", zhipu_body(user_id="u" * 129), "1214"),
-    ("unknown-n", zhipu_body(n=2), "1214"),
+    ("n-0", zhipu_body(n=0), "1214"),
+    ("n-5", zhipu_body(n=5), "1214"),
+    ("request-id-empty", zhipu_body(request_id=""), "1214"),
+    ("request-id-65-chars", zhipu_body(request_id="r" * 65), "1214"),
+    ("request-id-space", zhipu_body(request_id="my id"), "1214"),
+    ("request-id-number", zhipu_body(request_id=12345678), "1214"),
+    ("watermark-string", zhipu_body(watermark_enabled="false"), "1214"),
+    ("sensitive-word-check-string", zhipu_body(sensitive_word_check="DISABLE"), "1214"),
+    ("sensitive-word-check-status", zhipu_body(sensitive_word_check={"status": "OFF"}), "1214"),
+    ("sensitive-word-check-unknown", zhipu_body(sensitive_word_check={"level": 1}), "1214"),
+    ("two-different-end-users", zhipu_body(user_id="a", user="b"), "1214"),
+    ("unknown-style", zhipu_body(style="vivid"), "1214"),
 ]
+
+
+def test_openai_stream_is_refused_as_not_built_rather_than_unknown(api: InProcessApi) -> None:
+    key = api.make_key(credits=40)
+    r = api.client.post(OPENAI, json=openai_body(stream=True), headers=auth(key))
+    err = assert_openai_error(r, 400, "invalid_request_error", "stream")
+    assert "not built" in err["message"] and "Unknown" not in err["message"]
+    r = api.client.post(OPENAI, json=openai_body(background="transparent"), headers=auth(key))
+    assert "opaque" in assert_openai_error(r, 400, "invalid_request_error", "background")["message"]
+
+
+def test_openai_models_list_and_one_model(api: InProcessApi) -> None:
+    key = api.make_key(credits=0)
+    r = api.client.get("/v1/models", headers=auth(key))
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "list"
+    assert [m["id"] for m in r.json()["data"]] == ["cogview-4", "cogview-4-250304"]
+    for model in r.json()["data"]:
+        assert set(model) == {"id", "object", "created", "owned_by"}
+        assert model["object"] == "model"
+        one = api.client.get(f"/v1/models/{model['id']}", headers=auth(key))
+        assert one.status_code == 200 and one.json() == model
+    r = api.client.get("/v1/models/dall-e-3", headers=auth(key))
+    assert (
+        "dall-e-3"
+        in assert_openai_error(r, 404, "invalid_request_error", code="not_found")["message"]
+    )
+    assert_openai_error(
+        api.client.get("/v1/models"), 401, "invalid_request_error", code="invalid_api_key"
+    )
+    assert_openai_error(
+        api.client.get("/v1/models/cogview-4", headers=auth("cv4_nope")),
+        401,
+        "invalid_request_error",
+        code="invalid_api_key",
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,7 +250,13 @@ def test_unknown_route_wrong_method_and_big_body_use_the_surface_envelope(
     api: InProcessApi,
 ) -> None:
     assert_openai_error(
-        api.client.get("/v1/models"), 404, "invalid_request_error", code="not_found"
+        api.client.post("/v1/images/edits", json={}), 404, "invalid_request_error", code="not_found"
+    )
+    assert_openai_error(
+        api.client.post("/v1/images/variations", json={}),
+        404,
+        "invalid_request_error",
+        code="not_found",
     )
     assert_zhipu_error(api.client.post("/api/paas/v4/chat/completions", json={}), 404, "1222")
     r = api.client.get(OPENAI)
@@ -252,6 +329,53 @@ def test_late_task_is_504_naming_the_task_which_goes_on(
     assert task["task_id"] in r.json()["error"]["message"]
     assert task["status"] == "IN_PROGRESS"
     assert task["credits"] == {"charged": 4, "refunded": 0}
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "user_id"),
+    [
+        (
+            OPENAI,
+            openai_body(
+                safety_identifier="end-7",
+                user="end-7",
+                output_format="webp",
+                output_compression=0,
+                background="auto",
+                moderation="low",
+                stream=False,
+            ),
+            "end-7",
+        ),
+        (OPENAI, openai_body(user="end-8", output_format="jpeg", output_compression=100), "end-8"),
+        (
+            ZHIPU,
+            zhipu_body(
+                user="end-9",
+                n=2,
+                request_id="r-1",
+                watermark_enabled=True,
+                sensitive_word_check={"type": "ALL", "status": "DISABLE"},
+            ),
+            "end-9",
+        ),
+    ],
+    ids=["openai-current", "openai-user", "zhipu-own-fields"],
+)
+def test_current_fields_are_accepted_and_stored(
+    impatient: InProcessApi, path: str, payload: dict[str, Any], user_id: str
+) -> None:
+    key = impatient.make_key(credits=40)
+    r = impatient.client.post(path, json=payload, headers=auth(key))
+    assert r.status_code == 504, r.text  # accepted; no worker here, so it runs late
+    (task,) = impatient.client.get("/api/v1/tasks", headers=auth(key)).json()["data"]["tasks"]
+    assert task["request"]["user_id"] == user_id
+    assert task["request"]["n"] == payload.get("n", 1)
+    with impatient.db.read() as conn:
+        stored = task_store.get_task(conn, task["task_id"])
+    assert stored is not None
+    assert stored.output_compression == payload.get("output_compression")
+    assert stored.output_format == payload.get("output_format", "png")
 
 
 def settle_first_task(api: InProcessApi, *, state: TaskState, message: str) -> None:

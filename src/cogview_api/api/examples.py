@@ -53,13 +53,40 @@ OPENAI_REQUESTS: dict[str, dict[str, Any]] = {
             "response_format": "b64_json",
         },
     },
+    "current": {
+        "summary": "The current images.generate fields",
+        "value": {
+            "model": "cogview-4",
+            "prompt": "A red fox in fresh snow",
+            "size": "1024x1024",
+            "quality": "medium",
+            "output_format": "jpeg",
+            "output_compression": 80,
+            "background": "opaque",
+            "moderation": "auto",
+            "safety_identifier": "customer-1234",
+        },
+    },
 }
 
 ZHIPU_REQUESTS: dict[str, dict[str, Any]] = {
     "basic": {
         "summary": "Zhipu's SDK example",
         "value": {"model": "cogview-4", "prompt": "A red fox in fresh snow", "quality": "hd"},
-    }
+    },
+    "all": {
+        "summary": "Zhipu's own fields",
+        "value": {
+            "model": "cogview-4",
+            "prompt": "A red fox in fresh snow",
+            "size": "1344x768",
+            "n": 1,
+            "request_id": "order-1234-img-1",
+            "user_id": "customer-1234",
+            "watermark_enabled": False,
+            "sensitive_word_check": {"type": "ALL", "status": "DISABLE"},
+        },
+    },
 }
 
 # -- answers ---------------------------------------------------------------------------------
@@ -148,8 +175,26 @@ EVENTS_ANSWER = (
     ": keep-alive\n\n"
     f'event: task\ndata: {{"task_id":"{TASK_ID}","status":"COMPLETED",...}}\n\n'
 )
-OPENAI_ANSWER = {"created": 1795496431, "data": [{"url": IMAGE_URL}]}
-ZHIPU_ANSWER = {"created": 1795496431, "data": [{"url": IMAGE_URL}]}
+OPENAI_ANSWER = {
+    "created": 1795496431,
+    "data": [{"url": IMAGE_URL}],
+    "background": "opaque",
+    "output_format": "png",
+    "quality": "high",
+    "size": "1024x1024",
+    "usage": {"images": 1, "credits": 4},
+}
+ZHIPU_ANSWER = {"id": "order-1234-img-1", "created": 1795496431, "data": [{"url": IMAGE_URL}]}
+OPENAI_MODEL = {
+    "id": "cogview-4",
+    "object": "model",
+    "created": 1741046400,
+    "owned_by": "zhipuai",
+}
+OPENAI_MODELS = {
+    "object": "list",
+    "data": [OPENAI_MODEL, {**OPENAI_MODEL, "id": "cogview-4-250304"}],
+}
 HEALTHZ_ANSWER = {"status": "ok"}
 READYZ_ANSWER = {"status": "ready", "workers": 1}
 

@@ -129,6 +129,8 @@ tasks = Table(
     Column("base_url", Text, nullable=True),
     # X-Request-ID of the creating request: the worker's log lines about the task carry it.
     Column("request_id", String(128), nullable=True),
+    # JPEG/WebP quality the request asked for (OpenAI's output_compression); NULL: the default.
+    Column("output_compression", Integer, nullable=True),
     Column("step", Integer, nullable=False, default=0),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False),

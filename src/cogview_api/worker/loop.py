@@ -321,7 +321,7 @@ class Worker:
             for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
                 token = new_image_token()
                 key = f"{task.created_at:%Y/%m/%d}/{task.id}/{index}-{token}.{task.output_format}"
-                data = encode_image(image, task.output_format)
+                data = encode_image(image, task.output_format, task.output_compression)
                 self.storage.put(key, data, CONTENT_TYPES[task.output_format])
                 records.append(
                     ImageRecord(

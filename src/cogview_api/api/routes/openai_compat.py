@@ -1,5 +1,6 @@
 """OpenAI Images API, `POST /v1/images/generations`: synchronous, on the same tasks, keys and
-credits as the native API. The official `openai` client works with `base_url` set to `.../v1`."""
+credits as the native API. The official `openai` client works with `base_url` set to `.../v1`.
+`GET /v1/models` lists what this server serves, as OpenAI-style tools expect to find it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ from cogview_api.api.compat_schemas import (
     OpenAIImage,
     OpenAIImageCreate,
     OpenAIImagesResponse,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIUsage,
 )
 from cogview_api.api.deps import BackendsDep, BaseUrl, Secret, ServingDep
 from cogview_api.api.idempotency import REPLAYED_HEADER
-from cogview_api.api.openapi import sync_generation_docs
+from cogview_api.api.openapi import error_responses, json_200, sync_generation_docs
+from cogview_api.domain import MODEL_NAMES
+from cogview_api.errors import NotFound
 from cogview_api.services import images as image_service
+from cogview_api.services import keys as key_service
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+
+# CogView4-6B's release (2025-03-04), the `created` of every name it is served under.
+MODEL_CREATED = 1741046400
+MODELS = {
+    name: OpenAIModel(id=name, created=MODEL_CREATED, owned_by="zhipuai") for name in MODEL_NAMES
+}
 
 
 @router.post(
@@ -55,4 +68,50 @@ async def create_image(
         images = [OpenAIImage(b64_json=b64) for b64 in encoded]
     else:
         images = [OpenAIImage(url=base.url(i, task.expires_at)) for i in task.images]
-    return OpenAIImagesResponse(created=int(task.created_at.timestamp()), data=images)
+    return OpenAIImagesResponse(
+        created=int(task.created_at.timestamp()),
+        data=images,
+        output_format=task.output_format,
+        quality=body.answered_quality,
+        size=f"{task.width}x{task.height}",
+        usage=OpenAIUsage(images=len(task.images), credits=task.credits_charged),
+    )
+
+
+@router.get(
+    "/models",
+    response_model=OpenAIModelList,
+    responses={
+        200: json_200(examples.OPENAI_MODELS),
+        **error_responses("openai", 401, 403, 500, 503),
+    },
+    summary="The models this server serves (OpenAI Models API)",
+)
+async def list_models(secret: Secret, serving: ServingDep) -> OpenAIModelList:
+    await run_in_threadpool(key_service.authenticate, serving.db, secret)
+    return OpenAIModelList(data=list(MODELS.values()))
+
+
+@router.get(
+    "/models/{model_id}",
+    response_model=OpenAIModel,
+    responses={
+        200: json_200(examples.OPENAI_MODEL),
+        **error_responses(
+            "openai",
+            401,
+            403,
+            404,
+            500,
+            503,
+            messages={404: "The model 'dall-e-3' does not exist on this server."},
+        ),
+    },
+    summary="One model this server serves (OpenAI Models API)",
+)
+async def get_model(model_id: str, secret: Secret, serving: ServingDep) -> OpenAIModel:
+    await run_in_threadpool(key_service.authenticate, serving.db, secret)
+    try:
+        return MODELS[model_id]
+    except KeyError:
+        raise NotFound(f"The model '{model_id}' does not exist on this server.") from None

@@ -22,6 +22,7 @@ router = APIRouter(prefix="/api/paas/v4", tags=["zhipu"])
 @router.post(
     "/images/generations",
     response_model=ZhipuImagesResponse,
+    response_model_exclude_none=True,
     **sync_generation_docs(
         "zhipu",
         body=ZhipuImageCreate,
@@ -48,4 +49,6 @@ async def create_image(
         response.headers[REPLAYED_HEADER] = "true"
     task = done.task
     images = [ZhipuImage(url=base.url(i, task.expires_at)) for i in task.images]
-    return ZhipuImagesResponse(created=int(task.created_at.timestamp()), data=images)
+    return ZhipuImagesResponse(
+        id=done.body.request_id, created=int(task.created_at.timestamp()), data=images
+    )
