@@ -103,6 +103,94 @@ def test_openai_client_gets_b64_json_with_the_asked_size_count_quality_and_user(
     assert balance(native, key) == 100 - 8
 
 
+def test_openai_client_sends_the_current_fields_and_reads_the_new_answer_fields(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server)
+    client = openai_client(server, key)
+    result = client.images.generate(
+        model="cogview-4",
+        prompt=PROMPT,
+        size="1024x1024",
+        quality="medium",
+        output_format="jpeg",
+        output_compression=100,
+        background="opaque",
+        moderation="low",
+        safety_identifier="end-user-7",
+        response_format="b64_json",
+    )
+    assert (result.background, result.output_format) == ("opaque", "jpeg")
+    assert (result.quality, result.size) == ("medium", "1024x1024")
+    assert result.to_dict()["usage"] == {"images": 1, "credits": 4}
+    (image,) = result.data
+    img = Image.open(io.BytesIO(base64.b64decode(str(image.b64_json))))
+    assert (img.format, img.size) == ("JPEG", (1024, 1024))
+    # The encoder's quality shows in the file's quantization tables: 100 makes them all ones.
+    assert max(max(t) for t in img.quantization.values()) == 1  # type: ignore[attr-defined]
+    (task,) = tasks_of(native, key)
+    assert task["request"]["quality"] == "standard"
+    assert task["request"]["user_id"] == "end-user-7"
+    assert task["request"]["output_format"] == "jpeg"
+
+    low = client.images.generate(
+        model="cogview-4", prompt=PROMPT, output_format="webp", output_compression=5, n=1
+    )
+    assert (low.output_format, low.quality) == ("webp", "high")  # auto answers high
+    assert fetch_image(str(low.data[0].url)).format == "WEBP"
+    small = client.images.generate(
+        model="cogview-4",
+        prompt=PROMPT,
+        output_format="jpeg",
+        output_compression=10,
+        response_format="b64_json",
+    )
+    img = Image.open(io.BytesIO(base64.b64decode(str(small.data[0].b64_json))))
+    assert max(max(t) for t in img.quantization.values()) > 1  # type: ignore[attr-defined]
+
+
+def test_openai_client_lists_and_retrieves_the_models_served(server: ServerProcess) -> None:
+    client = openai_client(server, new_key(server, credits=0))
+    models = client.models.list()
+    assert [m.id for m in models] == ["cogview-4", "cogview-4-250304"]
+    assert {(m.object, m.owned_by) for m in models} == {("model", "zhipuai")}
+    assert client.models.retrieve("cogview-4-250304").id == "cogview-4-250304"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("dall-e-3")
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"background": "transparent"}, "background"),
+        ({"stream": True}, "stream"),
+        ({"stream": True, "partial_images": 2}, "stream"),
+        ({"output_format": "jpeg", "output_compression": 101}, "output_compression"),
+        ({"output_compression": 50}, "output_compression"),  # png
+        ({"moderation": "strict"}, "moderation"),
+        ({"user": "a", "safety_identifier": "b"}, "safety_identifier"),
+    ],
+    ids=[
+        "transparent",
+        "stream",
+        "partial-images",
+        "compression-101",
+        "compression-png",
+        "moderation",
+        "two-users",
+    ],
+)
+def test_openai_client_bad_current_fields_are_bad_request_and_charge_nothing(
+    server: ServerProcess, native: httpx.Client, changes: dict[str, Any], param: str
+) -> None:
+    key = new_key(server)
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(server, key).images.generate(model="cogview-4", prompt=PROMPT, **changes)
+    assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
+    assert balance(native, key) == 100 and tasks_of(native, key) == []
+
+
 def test_openai_client_raises_authentication_error_for_a_bad_key(server: ServerProcess) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
         openai_client(server, "cv4_not-a-key").images.generate(
@@ -178,6 +266,26 @@ def test_zhipu_client_passes_size_quality_and_user_id(
     assert task["request"]["user_id"] == "end-user-42"
 
 
+def test_zhipu_client_sends_its_own_fields(server: ServerProcess, native: httpx.Client) -> None:
+    key = new_key(server)
+    result = zhipu_client(server, key).images.generations(
+        model="cogview-4",
+        prompt=PROMPT,
+        n=2,
+        request_id="order-77.img:1",
+        user="end-user-9",
+        sensitive_word_check={"type": "ALL", "status": "DISABLE"},  # type: ignore[arg-type]
+        extra_body={"watermark_enabled": False},
+    )
+    assert result.model_dump()["id"] == "order-77.img:1"
+    assert len(result.data) == 2
+    (task,) = tasks_of(native, key)
+    assert task["request"]["n"] == 2 and task["request"]["user_id"] == "end-user-9"
+    assert balance(native, key) == 100 - 8
+    plain = zhipu_client(server, key).images.generations(model="cogview-4", prompt=PROMPT, n=1)
+    assert "id" not in plain.model_dump()
+
+
 def test_zhipu_client_raises_authentication_error_for_a_bad_key(server: ServerProcess) -> None:
     with pytest.raises(zhipuai.APIAuthenticationError) as caught:
         zhipu_client(server, "cv4_not-a-key").images.generations(model="cogview-4", prompt=PROMPT)
@@ -187,8 +295,15 @@ def test_zhipu_client_raises_authentication_error_for_a_bad_key(server: ServerPr
 
 @pytest.mark.parametrize(
     ("changes", "code"),
-    [({"size": "1000x1000"}, "1214"), ({"model": "cogview-3-flash"}, "1211")],
-    ids=["size", "model"],
+    [
+        ({"size": "1000x1000"}, "1214"),
+        ({"model": "cogview-3-flash"}, "1211"),
+        ({"n": 5}, "1214"),
+        ({"request_id": "has spaces"}, "1214"),
+        ({"sensitive_word_check": {"type": "ALL", "status": "OFF"}}, "1214"),
+        ({"extra_body": {"watermark_enabled": "no"}}, "1214"),
+    ],
+    ids=["size", "model", "n", "request-id", "sensitive-word-check", "watermark"],
 )
 def test_zhipu_client_raises_request_failed_error_and_charges_nothing(
     server: ServerProcess, native: httpx.Client, changes: dict[str, Any], code: str
