@@ -107,7 +107,11 @@ def test_openai_client_sends_the_current_fields_and_reads_the_new_answer_fields(
     server: ServerProcess, native: httpx.Client
 ) -> None:
     key = new_key(server)
-    client = openai_client(server, key)
+    with openai_client(server, key) as client:
+        check_current_fields(client, native, key)
+
+
+def check_current_fields(client: openai.OpenAI, native: httpx.Client, key: str) -> None:
     result = client.images.generate(
         model="cogview-4",
         prompt=PROMPT,
@@ -150,13 +154,13 @@ def test_openai_client_sends_the_current_fields_and_reads_the_new_answer_fields(
 
 
 def test_openai_client_lists_and_retrieves_the_models_served(server: ServerProcess) -> None:
-    client = openai_client(server, new_key(server, credits=0))
-    models = client.models.list()
-    assert [m.id for m in models] == ["cogview-4", "cogview-4-250304"]
-    assert {(m.object, m.owned_by) for m in models} == {("model", "zhipuai")}
-    assert client.models.retrieve("cogview-4-250304").id == "cogview-4-250304"
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("dall-e-3")
+    with openai_client(server, new_key(server, credits=0)) as client:
+        models = client.models.list()
+        assert [m.id for m in models] == ["cogview-4", "cogview-4-250304"]
+        assert {(m.object, m.owned_by) for m in models} == {("model", "zhipuai")}
+        assert client.models.retrieve("cogview-4-250304").id == "cogview-4-250304"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("dall-e-3")
 
 
 @pytest.mark.parametrize(
@@ -184,8 +188,8 @@ def test_openai_client_bad_current_fields_are_bad_request_and_charge_nothing(
     server: ServerProcess, native: httpx.Client, changes: dict[str, Any], param: str
 ) -> None:
     key = new_key(server)
-    with pytest.raises(openai.BadRequestError) as caught:
-        openai_client(server, key).images.generate(model="cogview-4", prompt=PROMPT, **changes)
+    with openai_client(server, key) as client, pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="cogview-4", prompt=PROMPT, **changes)
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
     assert balance(native, key) == 100 and tasks_of(native, key) == []
