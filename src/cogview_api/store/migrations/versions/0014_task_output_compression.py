@@ -1,7 +1,7 @@
 """tasks: the JPEG/WebP quality a request asked for
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-02 05:30:00
 
 OpenAI's `output_compression` (0..100), which the worker hands the JPEG or WebP encoder. NULL
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0013"
-down_revision = "0012"
+revision = "0014"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
