@@ -39,6 +39,21 @@ from cogview_api.log_context import request_id_var, valid_request_id
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("cogview_api.access")
+# An image's URL holds its capability token: the access line names the route, not the token.
+_IMAGE_PREFIX = "/images/"
+_MAX_LOGGED_PATH = 200
+
+
+def loggable_path(path: str) -> str:
+    """The request path as the access line may show it: an image's token left out, control
+    characters escaped (a percent-decoded `%0A` would otherwise forge a log line), bounded."""
+    if path.startswith(_IMAGE_PREFIX):
+        return _IMAGE_PREFIX + "<token>"
+    shown = path[:_MAX_LOGGED_PATH]
+    if not shown.isprintable():
+        shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown + ("..." if len(path) > _MAX_LOGGED_PATH else "")
+
 
 Surface = Literal["native", "openai", "zhipu"]
 
@@ -253,13 +268,14 @@ class RequestGuard:
             status = status or 500  # answered by the 500 handler, outside this middleware
             raise
         finally:
+            path = loggable_path(scope["path"])
             access_log.info(
                 "%s %s %s %.1f ms",
                 scope["method"],
-                scope["path"],
+                path,
                 status or "-",
                 (time.perf_counter() - started) * 1000,
-                extra={"method": scope["method"], "path": scope["path"], "status": status},
+                extra={"method": scope["method"], "path": path, "status": status},
             )
 
     async def _guarded(
