@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cogview_api.addresses import parse_allow_list, parse_retry_schedule
-from cogview_api.domain import Quality, parse_size
+from cogview_api.domain import MIN_SUBMIT_RATE, Quality, parse_size
 
 DEFAULT_MODEL = "THUDM/CogView4-6B"
 TINY_MODEL = "tiny"
@@ -198,6 +198,13 @@ class Settings(BaseSettings):
             if self.host not in ("0.0.0.0", "::", ""):
                 names.add(self.host.lower().strip("[]"))
         return frozenset(names)
+
+    @field_validator("submit_rate")
+    @classmethod
+    def _submit_rate(cls, value: float) -> float:
+        if 0 < value < MIN_SUBMIT_RATE:
+            raise ValueError(f"must be 0 (no limit) or at least {MIN_SUBMIT_RATE:g} a second")
+        return value
 
     @field_validator("webhook_allow_hosts")
     @classmethod

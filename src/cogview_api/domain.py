@@ -19,6 +19,9 @@ MAX_PROMPT_CHARS = 1000
 MAX_USER_ID_CHARS = 128
 MAX_IMAGES_PER_REQUEST = 4
 MAX_SEED = 2**32 - 1
+# The slowest submit rate a key may be given (one a million seconds): below it the rate's
+# interval leaves a float's range (a subnormal rate made every submit a 500). 0 = no limit.
+MIN_SUBMIT_RATE = 1e-6
 DEFAULT_COMPRESSION = 92  # JPEG/WebP quality when a request names none
 MAX_PIXELS = 2**21
 MIN_SIDE = 512  # a custom size's width and height: MIN_SIDE..MAX_SIDE, multiples of SIDE_STEP

@@ -346,6 +346,12 @@ def test_concurrent_grants_are_exact(admin_api: InProcessApi) -> None:
         ("get", "/admin/v1/audit", {"params": {"cursor": "bogus"}}, "cursor"),
         ("get", "{key}/ledger", {"params": {"limit": 101}}, "limit"),
         ("get", "/api/v1/usage", {"params": {"from": "2026-02-30"}}, "from"),
+        # Days whose range arithmetic leaves what a date holds (an OverflowError, a 500, before).
+        ("get", "/api/v1/usage", {"params": {"to": "0001-01-05"}}, "to"),
+        ("get", "/admin/v1/usage", {"params": {"to": "9999-12-31"}}, "to"),
+        ("get", "/admin/v1/ledger/export", {"params": {"to": "9999-12-31"}}, "to"),
+        # A positive adjustment is held to the ceiling as a grant is.
+        ("post", "{key}/credits/adjust", {"json": {"amount": 10**15}}, "amount"),
         ("get", "/api/v1/ledger", {"params": {"cursor": "dDox"}}, "cursor"),  # a task cursor
     ],
 )
@@ -453,8 +459,9 @@ def test_a_keys_limits_are_read_set_and_reset_and_hold_from_its_next_submit(
 @pytest.mark.parametrize(
     ("body", "param", "sentence"),
     [
-        ({"submit_rate": -1}, "submit_rate", "The submit rate must be from 0 (no limit)"),
-        ({"submit_rate": 1e7}, "submit_rate", "The submit rate must be from 0 (no limit)"),
+        ({"submit_rate": -1}, "submit_rate", "The submit rate must be 0 (no limit) or from"),
+        ({"submit_rate": 1e7}, "submit_rate", "The submit rate must be 0 (no limit) or from"),
+        ({"submit_rate": 1e-320}, "submit_rate", "The submit rate must be 0 (no limit) or from"),
         ({"submit_burst": 0}, "submit_burst", "The burst must be from 1 to 1000000 submits."),
         ({"submit_burst": 10**30}, "submit_burst", "The burst must be from 1"),
         ({"max_waiting": 2**31}, "max_waiting", "The waiting tasks limit must be from 1"),

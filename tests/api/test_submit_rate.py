@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from cogview_api import clock
@@ -23,6 +24,7 @@ from cogview_api.services import limits as limit_service
 from cogview_api.store.db import Database
 from cogview_api.store.tables import api_keys
 from tests.api.test_bad_input import assert_error
+from tests.conftest import make_settings
 from tests.support import (
     CLI,
     EXAMPLE_BODY,
@@ -190,7 +192,7 @@ def test_a_keys_own_limits_from_the_cli_hold_from_its_next_submit(
     assert back.returncode == 0, back.stderr
     assert back.stdout.strip() == (
         f'{{"id": "{key_id}", "submit_rate": 1.0, "submit_burst": 3, "max_waiting": 100, '
-        '"own": []}'
+        '"max_streams": 20, "max_waits": 20, "own": []}'
     )
     assert _post(api, key).headers["ratelimit-policy"] == POLICY
     refused = _limits(api, tiny_cache, key_id, "--burst", "0")
@@ -223,9 +225,14 @@ def test_a_new_rate_or_a_reset_starts_the_key_with_a_full_burst(api: InProcessAp
 @pytest.mark.parametrize(
     ("changes", "sentence"),
     [
-        ({"submit_rate": -1.0}, "The submit rate must be from 0 (no limit) to 1e+06 a second."),
-        ({"submit_rate": float("nan")}, "The submit rate must be from 0"),
-        ({"submit_rate": float("inf")}, "The submit rate must be from 0"),
+        (
+            {"submit_rate": -1.0},
+            "The submit rate must be 0 (no limit) or from 1e-06 to 1e+06 a second.",
+        ),
+        ({"submit_rate": float("nan")}, "The submit rate must be 0"),
+        ({"submit_rate": float("inf")}, "The submit rate must be 0"),
+        # A subnormal rate: its interval is infinite, which made every submit of the key a 500.
+        ({"submit_rate": 1e-320}, "The submit rate must be 0"),
         ({"submit_burst": 0}, "The burst must be from 1 to 1000000 submits."),
         ({"max_waiting": 2**31}, "The waiting tasks limit must be from 1 to 2147483647."),
         ({"reset": True, "submit_rate": 2.0}, "Give either new limits or reset, not both."),
@@ -259,3 +266,9 @@ def test_rate_0_is_no_rate_limit(settings: Settings, moved_clock: MovedClock) ->
         answers = [_post(running, key) for _ in range(5)]
     assert [r.status_code for r in answers] == [200] * 5
     assert answers[-1].headers["ratelimit-policy"] == '"waiting";q=100'
+
+
+def test_a_subnormal_submit_rate_setting_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="must be 0 \\(no limit\\) or at least 1e-06"):
+        make_settings(tmp_path, tmp_path / "cache", submit_rate=1e-320)
+    assert make_settings(tmp_path, tmp_path / "cache", submit_rate=0).submit_rate == 0

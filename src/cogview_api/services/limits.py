@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from cogview_api.config import Settings
-from cogview_api.domain import ApiKey
+from cogview_api.domain import MIN_SUBMIT_RATE, ApiKey
 from cogview_api.errors import InvalidRequest
 from cogview_api.store import audit as audit_store
 from cogview_api.store import keys as key_store
@@ -103,10 +103,12 @@ def set_key_limits(
     if dropped & given.keys():
         raise InvalidRequest("Give either new limits or reset, not both.", param="reset")
     if submit_rate is not None and not (
-        math.isfinite(submit_rate) and 0 <= submit_rate <= MAX_SUBMIT_RATE
+        math.isfinite(submit_rate)
+        and (submit_rate == 0 or MIN_SUBMIT_RATE <= submit_rate <= MAX_SUBMIT_RATE)
     ):
         raise InvalidRequest(
-            f"The submit rate must be from 0 (no limit) to {MAX_SUBMIT_RATE:g} a second.",
+            f"The submit rate must be 0 (no limit) or from {MIN_SUBMIT_RATE:g} to "
+            f"{MAX_SUBMIT_RATE:g} a second.",
             param="submit_rate",
         )
     if submit_burst is not None and not 1 <= submit_burst <= MAX_SUBMIT_BURST:

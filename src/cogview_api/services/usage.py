@@ -55,15 +55,26 @@ class DateRange:
         return first, datetime.combine(self.end + timedelta(days=1), time(), tzinfo=UTC)
 
 
+# Days a range may name: a range's arithmetic (a default `from` 29 days before `to`, the
+# instant after `to`) stays inside what `date` can hold, and no ledger row predates 1970.
+FIRST_DAY = date(1970, 1, 1)
+LAST_DAY = date(9998, 12, 31)
+
+
 def _parse_day(value: str, param: str) -> date:
     try:
         if len(value) != 10:
             raise ValueError(value)
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError as exc:
         raise InvalidRequest(
             f"{param} must be a date as YYYY-MM-DD (UTC), got {value[:40]!r}", param=param
         ) from exc
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise InvalidRequest(
+            f"{param} must be a day from {FIRST_DAY} to {LAST_DAY}, got {value!r}", param=param
+        )
+    return day
 
 
 def date_range(start: str | None, end: str | None, *, today: date | None = None) -> DateRange:

@@ -135,7 +135,9 @@ def add_credits(
     InvalidRequest rather than go past MAX_CREDITS, NotFound for an unknown key."""
     if abs(amount) > MAX_CREDITS:
         raise InvalidRequest(f"amount must be at most {MAX_CREDITS} credits", param="amount")
-    grant = kind == "grant"
+    # Any move upwards (a grant, a positive adjustment, a refund) is held to MAX_CREDITS: past
+    # 2^63 - 1 SQLite turns the balance into a float. A refund only returns what was reserved.
+    grant = amount > 0 and kind != "refund"
     result = conn.execute(
         _GRANT_CREDITS if grant else _MOVE_CREDITS, {"key_id": key_id, "amount": amount}
     )
