@@ -351,3 +351,16 @@ def test_a_key_with_its_own_cap(api: InProcessApi, tmp_path: Path) -> None:
         ).all()
     assert [r.action for r in rows] == ["keys.limits.set", "keys.limits.reset"]
     assert all(r.actor.startswith("cli") for r in rows)
+
+
+def test_the_watcher_counts_queue_positions_as_get_does(settings: Settings) -> None:
+    """Batches of 2: key a's two tasks make the first batch, so b's task is 3rd (one task a
+    claim would put it 2nd, after a's first). A stream's later frames (the watcher's reads) say
+    what GET and the first frame say."""
+    with in_process_api(settings.model_copy(update={"max_batch_size": 2})) as api:
+        a, b = api.make_key(name="a"), api.make_key(name="b")
+        tasks = [submit_task(api.client, a), submit_task(api.client, a), submit_task(api.client, b)]
+        got = api.client.get(f"/api/v1/tasks/{tasks[-1]}", headers=auth(b)).json()
+        seen = watcher(api)._look(tasks, set(tasks), {}, None)
+        assert [seen.full[t].queue_position for t in tasks] == [1, 2, 3]
+        assert got["data"]["progress"]["queue_position"] == 3

@@ -74,6 +74,7 @@ def create_app(
         signals=signals,
         interval=settings.watch_fallback_seconds if listen else settings.watch_poll_seconds,
         listen=listen,
+        batch_size=settings.max_batch_size,
     )
     app.state.serving = GenerationServing(
         settings=settings,

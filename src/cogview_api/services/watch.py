@@ -63,8 +63,10 @@ class TaskWatcher:
         signals: TaskSignals,
         interval: float,
         listen: bool,
+        batch_size: int = 1,
     ) -> None:
         self.db = db
+        self.batch_size = batch_size  # positions as GET and the first frame count them
         self.signals = signals
         self.interval = interval
         self._listen = listen
@@ -177,7 +179,7 @@ class TaskWatcher:
             for i in changed:
                 if i not in look.revoked:
                     with contextlib.suppress(NotFound):  # deleted since: gone at the next look
-                        full[i] = task_store.get_task(conn, i)
+                        full[i] = task_store.get_task(conn, i, batch_size=self.batch_size)
         return _Seen(look=look, full=full)
 
     def _publish(self, ids: Sequence[str], fresh: set[str], seen: _Seen) -> None:
