@@ -364,3 +364,64 @@ def test_the_watcher_counts_queue_positions_as_get_does(settings: Settings) -> N
         seen = watcher(api)._look(tasks, set(tasks), {}, None)
         assert [seen.full[t].queue_position for t in tasks] == [1, 2, 3]
         assert got["data"]["progress"]["queue_position"] == 3
+
+
+def test_a_look_that_fails_unexpectedly_does_not_end_the_watcher(
+    api: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a CogviewError (a raw driver error, a bug): logged, and the next look goes on, so
+    the streams of the process still get their frames."""
+    from cogview_api.services import watch
+
+    key = api.make_key()
+    task_id = submit_task(api.client, key)
+    real, failed = watch.task_store.watch_look, threading.Event()
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    with open_stream(api, key, task_id) as items:
+        monkeypatch.setattr(watch.task_store, "watch_look", flaky)
+        watcher(api).poke()
+        until(failed.is_set)
+        r = api.client.post(f"/api/v1/tasks/{task_id}/cancel", headers=auth(key))
+        assert r.status_code == 200, r.text
+        last, deadline = None, time.monotonic() + 20  # keep-alives come every 0.3 s
+        for kind, value in items:
+            if kind == "task":
+                last = value
+            if last and last["status"] == "CANCELLED" or time.monotonic() > deadline:
+                break
+    assert last is not None and last["status"] == "CANCELLED"
+
+
+def test_a_renewal_that_fails_unexpectedly_does_not_end_the_renewer(
+    api: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cogview_api.services import follow_limits
+    from cogview_api.store import follow_slots as slot_store
+
+    made, key = key_service.create_key(api.db, name="renewed", credits=10)
+    key_id = made.id
+    real, failed = slot_store.renew, threading.Event()
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(follow_limits.slot_store, "renew", flaky)
+    limits = FollowLimits(api.db, max_streams=MAX_STREAMS, max_waits=MAX_WAITS, lease_s=0.3)
+    try:
+        slot = limits.take("stream", key)
+        until(failed.is_set)
+        time.sleep(0.6)  # two leases: renewed since, or lapsed
+        with api.db.write() as conn:
+            assert slot_store.held(conn, key_id=key_id, kind="stream") == 1
+        slot.release()
+    finally:
+        limits.close()

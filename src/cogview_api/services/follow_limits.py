@@ -101,6 +101,8 @@ class FollowLimits:
                     slot_store.renew(conn, holder=self.holder, lease=self._lease)
             except CogviewError as exc:  # try again next time, before the lease runs out
                 log.warning("could not renew this process's follow slots: %s", exc.message)
+            except Exception:  # a raw driver error, a bug: the thread must live on
+                log.exception("could not renew this process's follow slots")
 
 
 class Slot:

@@ -37,6 +37,8 @@ from cogview_api.store.notify import CHANGES_CHANNEL, Listener
 
 log = logging.getLogger(__name__)
 
+_BACKOFF_S = 0.5  # after a look that failed unexpectedly, before the next one
+
 
 class Follower:
     """One stream's or wait's view of its task: `changed` is set when `task`, `revoked` or
@@ -152,6 +154,10 @@ class TaskWatcher:
                 )
             except CogviewError as exc:  # the database is away: try again at the next tick
                 log.warning("task watcher: %s", exc.message)
+                continue
+            except Exception:  # a raw driver error, a bug: never end every stream's watcher
+                log.exception("task watcher: the look failed; trying again")
+                await asyncio.sleep(_BACKOFF_S)
                 continue
             self._publish(ids, fresh, seen)
         for followers in self._followers.values():
