@@ -440,3 +440,44 @@ def test_task_ending_without_images_is_an_error_with_its_message_and_refunded(
     else:
         assert r.json()["error"]["code"] == zhipu_code
     assert api.client.get("/api/v1/account", headers=auth(key)).json()["data"]["balance"] == 40
+
+
+def test_synchronous_requests_over_the_wait_cap_are_429_in_each_envelope(
+    settings: Settings,
+) -> None:
+    """A synchronous compat request holds one of the key's `Prefer: wait` slots while it waits:
+    one more is refused in its surface's envelope, with nothing written or charged."""
+    caps = {"max_waits_per_key": 1, "sync_wait_seconds": 20}
+    with in_process_api(settings.model_copy(update=caps)) as api:
+        key = api.make_key(credits=40)
+        held: list[httpx.Response] = []
+
+        def hold() -> None:
+            with httpx.Client(base_url=api.base_url, timeout=30) as c:
+                held.append(c.post(OPENAI, json=OPENAI_BODY, headers=auth(key)))
+
+        def tasks() -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = api.client.get("/api/v1/tasks", headers=auth(key)).json()[
+                "data"
+            ]["tasks"]
+            return got
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not tasks():
+            assert time.monotonic() < deadline, "the synchronous request did not start"
+            time.sleep(0.05)
+        r = api.client.post(OPENAI, json=OPENAI_BODY, headers=auth(key))
+        assert_openai_error(r, 429, "requests", code="rate_limit_exceeded")
+        assert r.headers["retry-after"] == "5"
+        assert "COGVIEW_MAX_WAITS_PER_KEY" in r.json()["error"]["message"]
+        r = api.client.post(ZHIPU, json=ZHIPU_BODY, headers=auth(key))
+        assert_zhipu_error(r, 429, "1302")
+        (task,) = tasks()
+        acct = api.client.get("/api/v1/account", headers=auth(key)).json()["data"]
+        assert acct["balance"] == 40 - 4
+        # The held request ends (its task cancelled) and gives its slot back.
+        api.client.post(f"/api/v1/tasks/{task['task_id']}/cancel", headers=auth(key))
+        holder.join(timeout=20)
+        assert held and held[0].status_code != 429

@@ -202,13 +202,15 @@ class GenerationServing:
         Returns the COMPLETED task. Raises TaskFailed or TaskCancelled if it ended without
         images (the credits are refunded by then), WaitTimedOut if it is still running (it
         stays charged and keeps going; the message names it so the client can fetch it from
-        the native API)."""
-        accepted = await self.accept(
-            request, surface=surface, schema=schema, secret=secret, joins_retries=True
-        )
-        task = accepted.task
-        wait_s = self.settings.sync_wait_seconds
-        finished = await self._wait_for_client(request, secret, task.id, wait_s)
+        the native API). Holds one of the key's `Prefer: wait` slots throughout: RateLimited
+        (429) over the cap, before anything is written."""
+        async with self.holding("wait", secret):
+            accepted = await self.accept(
+                request, surface=surface, schema=schema, secret=secret, joins_retries=True
+            )
+            task = accepted.task
+            wait_s = self.settings.sync_wait_seconds
+            finished = await self._wait_for_client(request, secret, task.id, wait_s)
         if not finished.state.terminal:
             raise WaitTimedOut(
                 f"Task {task.id} did not finish within {wait_s:g} s. It is "
