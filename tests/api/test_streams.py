@@ -425,3 +425,69 @@ def test_a_renewal_that_fails_unexpectedly_does_not_end_the_renewer(
         slot.release()
     finally:
         limits.close()
+
+
+def test_a_slot_whose_give_back_failed_is_not_renewed(
+    api: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewal is by the ids still held: a slot whose delete failed lapses with its lease,
+    while the process's other slots live on."""
+    from cogview_api.errors import ServiceUnavailable
+    from cogview_api.services import follow_limits
+    from cogview_api.store import follow_slots as slot_store
+
+    made, key = key_service.create_key(api.db, name="lapsing", credits=10)
+    limits = FollowLimits(api.db, max_streams=MAX_STREAMS, max_waits=MAX_WAITS, lease_s=0.3)
+    try:
+        kept, failed = limits.take("stream", key), limits.take("stream", key)
+
+        def away(*args: Any, **kwargs: Any) -> None:
+            raise ServiceUnavailable("the database is away")
+
+        monkeypatch.setattr(follow_limits.slot_store, "release", away)
+        failed.release()
+        monkeypatch.undo()
+        time.sleep(0.6)  # two leases, renewed three times each
+        with api.db.write() as conn:
+            assert slot_store.held(conn, key_id=made.id, kind="stream") == 1
+        kept.release()
+    finally:
+        limits.close()
+
+
+def test_a_take_cancelled_meanwhile_gives_its_slot_back(
+    api: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client went away while its slot was being taken: the slot goes back once taken."""
+    import asyncio
+
+    from cogview_api.store import follow_slots as slot_store
+
+    made, key = key_service.create_key(api.db, name="cancelled", credits=10)
+    serving = api.app.state.serving
+    real, entered, go = serving.limits.take, threading.Event(), threading.Event()
+
+    def slow(*args: Any) -> Any:
+        entered.set()
+        go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(serving.limits, "take", slow)
+
+    async def scenario() -> None:
+        taking = asyncio.ensure_future(serving.take_slot("stream", key))
+        await asyncio.to_thread(entered.wait, 10)
+        taking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taking
+        go.set()
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            with api.db.write() as conn:
+                if slot_store.held(conn, key_id=made.id, kind="stream") == 0:
+                    break
+        assert not serving.limits._held
+
+    asyncio.run(scenario())
+    with api.db.write() as conn:
+        assert slot_store.held(conn, key_id=made.id, kind="stream") == 0

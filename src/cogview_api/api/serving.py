@@ -152,8 +152,14 @@ class GenerationServing:
 
     async def take_slot(self, kind: Kind, secret: str) -> Slot:
         """A slot of the key's cap on streams or waits (429 over it), before anything else is
-        read or written for the request."""
-        return await run_in_threadpool(self.limits.take, kind, secret)
+        read or written for the request. Cancellation-safe: a request cancelled while its
+        slot is being taken (the client went away) gives it back once the take is done."""
+        taking = asyncio.ensure_future(run_in_threadpool(self.limits.take, kind, secret))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(_give_back_taken)
+            raise
 
     @contextlib.asynccontextmanager
     async def holding(self, kind: Kind, secret: str) -> AsyncIterator[None]:
@@ -259,6 +265,17 @@ async def _client_gone(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _give_back_taken(taking: asyncio.Future[Slot]) -> None:
+    """For a take whose request was cancelled meanwhile: its slot, if it got one, goes back."""
+    if not taking.cancelled() and taking.exception() is None:
+        releasing = asyncio.ensure_future(give_back(taking.result()))
+        _RELEASING.add(releasing)  # held until done (the loop keeps only a weak reference)
+        releasing.add_done_callback(_RELEASING.discard)
+
+
+_RELEASING: set[asyncio.Future[None]] = set()
 
 
 async def give_back(slot: Slot) -> None:

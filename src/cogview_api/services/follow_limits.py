@@ -6,8 +6,9 @@ The slots live in the database (`follow_slots`), so every API process enforces t
 numbers. Taking one is one write transaction: the key found by its secret's hash and its row
 locked, its lapsed slots deleted, its live ones of the kind counted, a row inserted, or
 RateLimited (429) when it holds its most. Its request gives it back when it ends (a delete). A
-process renews the lease of the slots it holds every third of `SLOT_LEASE_S` in one statement;
-a process that died leaves slots that lapse within that lease.
+process renews the lease of the slots it holds (by id) every third of `SLOT_LEASE_S` in one
+statement; a process that died, or a give-back that failed, leaves slots that lapse within that
+lease.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class FollowLimits:
         self._most: dict[Kind, int] = {"stream": max_streams, "wait": max_waits}
         self._lease = timedelta(seconds=lease_s)
         self._lock = threading.Lock()
-        self._held = 0
+        self._held: set[str] = set()  # ids of the slots this process holds: it renews these
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -70,7 +71,7 @@ class FollowLimits:
                 conn, key_id=key.id, kind=kind, holder=self.holder, lease=self._lease
             )
         with self._lock:
-            self._held += 1
+            self._held.add(slot_id)
             if self._renewer is None:
                 self._renewer = threading.Thread(
                     target=self._renew, name="follow-slots", daemon=True
@@ -82,8 +83,8 @@ class FollowLimits:
         self._stop.set()
 
     def _release(self, slot_id: str) -> None:
-        with self._lock:
-            self._held -= 1
+        with self._lock:  # not renewed from now on: a delete that fails lapses with the lease
+            self._held.discard(slot_id)
         try:
             with self.db.write() as conn:
                 slot_store.release(conn, slot_id)
@@ -94,11 +95,12 @@ class FollowLimits:
         interval = self._lease.total_seconds() / 3
         while not self._stop.wait(interval):
             with self._lock:
-                if not self._held:
-                    continue
+                held = list(self._held)
+            if not held:
+                continue
             try:
                 with self.db.write() as conn:
-                    slot_store.renew(conn, holder=self.holder, lease=self._lease)
+                    slot_store.renew(conn, held, lease=self._lease)
             except CogviewError as exc:  # try again next time, before the lease runs out
                 log.warning("could not renew this process's follow slots: %s", exc.message)
             except Exception:  # a raw driver error, a bug: the thread must live on

@@ -4,6 +4,7 @@ open request, shared by every API process (services/follow_limits.py holds the r
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
@@ -53,11 +54,11 @@ def release(conn: Connection, slot_id: str) -> None:
     conn.execute(delete(follow_slots).where(follow_slots.c.id == slot_id))
 
 
-def renew(conn: Connection, *, holder: str, lease: timedelta) -> int:
-    """Extend the lease of every slot `holder` holds; how many."""
+def renew(conn: Connection, slot_ids: Sequence[str], *, lease: timedelta) -> int:
+    """Extend the lease of the slots `slot_ids` (those a process still holds); how many."""
     result = conn.execute(
         update(follow_slots)
-        .where(follow_slots.c.holder == holder)
+        .where(follow_slots.c.id.in_(slot_ids))
         .values(expires_at=utcnow() + lease)
     )
     return int(result.rowcount)
