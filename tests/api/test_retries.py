@@ -5,6 +5,7 @@ under test is which task a request lands on and what it is charged."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -175,3 +176,34 @@ def wait_for_answer(api: InProcessApi, answer: str) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError(f"no sync request marked {answer!r}")
+
+
+def test_a_marked_retry_does_not_join_a_request_still_waiting(settings: Settings) -> None:
+    """Two workers of one client send one body; the second's first attempt was refused (no
+    task), so its retry carries a marker: it is a new task, not the first worker's."""
+    with in_process_api(settings.model_copy(update={"sync_wait_seconds": 20})) as api:
+        key = api.make_key()
+        held: list[httpx.Response] = []
+
+        def hold() -> None:
+            with httpx.Client(base_url=api.base_url, timeout=30) as c:
+                held.append(c.post(OPENAI, json=OPENAI_BODY, headers=auth(key)))
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not task_ids(api, key):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with httpx.Client(base_url=api.base_url, timeout=30) as c:
+            retry = threading.Thread(
+                target=lambda: c.post(OPENAI, json=OPENAI_BODY, headers={**auth(key), **RETRY})
+            )
+            retry.start()
+            while len(task_ids(api, key)) < 2:
+                assert time.monotonic() < deadline, "the marked retry joined the waiting one"
+                time.sleep(0.05)
+            for task_id in task_ids(api, key):
+                api.client.post(f"/api/v1/tasks/{task_id}/cancel", headers=auth(key))
+            retry.join(timeout=20)
+        holder.join(timeout=20)

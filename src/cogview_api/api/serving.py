@@ -247,8 +247,8 @@ class GenerationServing:
         if waiting.cancelled():  # the answer would reach nobody
             raise WaitTimedOut(f"The client hung up before task {task_id} finished.")
         finished = waiting.result()
-        if finished.state.terminal:
-            await self._note(task_id, "delivered")
+        # A 504 (still running) is not the answer: a marked retry of it joins the task.
+        await self._note(task_id, "delivered" if finished.state.terminal else "timed_out")
         return finished
 
     async def _note(self, task_id: str, answer: generation.SyncAnswer) -> None:

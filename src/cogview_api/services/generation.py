@@ -43,7 +43,7 @@ class IdempotencyKey:
     request_hash: str
 
 
-SyncAnswer = sync_store.Answer  # how a synchronous route's request ended: gone | delivered
+SyncAnswer = sync_store.Answer  # how a synchronous route's request ended
 
 
 @dataclass(frozen=True)

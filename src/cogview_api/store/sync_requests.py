@@ -17,7 +17,7 @@ from sqlalchemy import Connection, delete, insert, or_, select, update
 from cogview_api.domain import TaskState
 from cogview_api.store.tables import sync_requests, tasks
 
-Answer = Literal["gone", "delivered"]
+Answer = Literal["gone", "timed_out", "delivered"]
 
 # A retry joins only a task that is still going or has its images: a failed or cancelled one
 # (refunded) is tried again as a new task.
@@ -56,11 +56,13 @@ def find_retried(
     marked: bool,
 ) -> str | None:
     """The id of the newest task, made since `since` by the same key, surface and body, that
-    a retry joins: one still going or completed whose answer never reached its client. With
-    an SDK's retry marker (`marked`) the first request may still be waiting for its answer (its
-    client hung up, but we have not noticed yet); without one, its client must have hung up."""
+    a retry joins: one still going or completed whose answer never reached its client. Its
+    client hung up (`gone`), or, for a retry with an SDK's marker (`marked`), got a 504
+    (`timed_out`). Never one whose request is still waiting (NULL): a marked retry of an
+    attempt that was refused (429, 503: no task) must not join another client's identical
+    request."""
     answered = (
-        or_(sync_requests.c.answer.is_(None), sync_requests.c.answer == "gone")
+        sync_requests.c.answer.in_(("gone", "timed_out"))
         if marked
         else sync_requests.c.answer == "gone"
     )
@@ -82,8 +84,13 @@ def find_retried(
 
 def mark(conn: Connection, *, task_id: str, answer: Answer) -> None:
     """Note how the task's request ended. `gone` never overwrites `delivered`: a later request
-    that got the images makes the task a finished answer, not a pending one."""
+    that got the images makes the task a finished answer, not a pending one; `timed_out` (a
+    504) overwrites nothing, so a task whose client hung up stays joinable without a marker."""
     query = update(sync_requests).where(sync_requests.c.task_id == task_id)
     if answer == "gone":
-        query = query.where(or_(sync_requests.c.answer.is_(None), sync_requests.c.answer == "gone"))
+        query = query.where(
+            or_(sync_requests.c.answer.is_(None), sync_requests.c.answer != "delivered")
+        )
+    elif answer == "timed_out":
+        query = query.where(sync_requests.c.answer.is_(None))
     conn.execute(query.values(answer=answer))

@@ -196,7 +196,8 @@ sync_requests = Table(
     Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
     Column("request_hash", String(64), nullable=False),  # sha256 hex of surface + body
     # NULL: the request is still waiting for its answer; gone: its client hung up before the
-    # answer; delivered: a request of it was answered with the finished task.
+    # answer; timed_out: it got a 504 (still running); delivered: a request of it was
+    # answered with the finished task.
     Column("answer", String(16), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_sync_requests_key_id_request_hash", "key_id", "request_hash"),
