@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from cogview_api.api.present import ImageLinks
 from cogview_api.api.serving import GenerationServing, bearer_secret
@@ -55,3 +55,13 @@ ServingDep = Annotated[GenerationServing, Depends(get_serving)]
 Secret = Annotated[str, Depends(get_secret)]
 # Routes call it `base`: where their image URLs point (this server, or presigned in the bucket).
 BaseUrl = Annotated[ImageLinks, Depends(image_links)]
+
+# A usage report's day range (native and admin), as the client wrote it: the service reads it
+# (YYYY-MM-DD only, with its own messages).
+From = Annotated[
+    str | None,
+    Query(alias="from", description="First UTC day, YYYY-MM-DD (default: 29 days before `to`)."),
+]
+To = Annotated[
+    str | None, Query(alias="to", description="Last UTC day, inclusive (default: today).")
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cogview_api.api.schemas import (
     LedgerEntryPublic,
+    LedgerPage,
     UsageDay,
     UsageFigures,
     UsageReportPublic,
@@ -50,4 +51,12 @@ def ledger_entry_public(row: LedgerRow) -> LedgerEntryPublic:
         quality=row.quality,
         surface=row.surface,
         note=row.note,
+    )
+
+
+def ledger_page(rows: list[LedgerRow], next_cursor: str | None) -> LedgerPage:
+    return LedgerPage(
+        entries=[ledger_entry_public(r) for r in rows],
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
     )

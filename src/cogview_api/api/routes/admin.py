@@ -31,7 +31,7 @@ from cogview_api.api.admin_schemas import (
     KeyList,
     WebhookSecretRotated,
 )
-from cogview_api.api.deps import BackendsDep, SettingsDep
+from cogview_api.api.deps import BackendsDep, From, SettingsDep, To
 from cogview_api.api.errors import invalid_from_validation
 from cogview_api.api.inputs import parse_json_object
 from cogview_api.api.openapi import (
@@ -40,7 +40,7 @@ from cogview_api.api.openapi import (
     json_200,
     json_request_body,
 )
-from cogview_api.api.present_usage import ledger_entry_public, usage_public
+from cogview_api.api.present_usage import ledger_entry_public, ledger_page, usage_public
 from cogview_api.api.schemas import Envelope, LedgerPage, UsageReportPublic
 from cogview_api.api.serving import bearer_secret
 from cogview_api.clock import utcnow
@@ -313,16 +313,9 @@ async def adjust_credits(key_id: str, request: Request, actor: Actor, backends: 
 
 Limit = Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": 100})]
 Cursor = Annotated[str | None, Query()]
+
+
 # Dates are read by the service (YYYY-MM-DD only, with its own messages).
-From = Annotated[
-    str | None,
-    Query(alias="from", description="First UTC day, YYYY-MM-DD (default: 29 days before `to`)."),
-]
-To = Annotated[
-    str | None, Query(alias="to", description="Last UTC day, inclusive (default: today).")
-]
-
-
 @router.get(
     "/keys/{key_id}/ledger",
     response_model=Envelope[LedgerPage],
@@ -337,12 +330,7 @@ async def key_ledger(
             backends.db, actor=actor, key_id=key_id, limit=limit, cursor=cursor
         )
     )
-    data = LedgerPage(
-        entries=[ledger_entry_public(r) for r in rows],
-        next_cursor=next_cursor,
-        has_more=next_cursor is not None,
-    )
-    return Envelope[LedgerPage](data=data)
+    return Envelope[LedgerPage](data=ledger_page(rows, next_cursor))
 
 
 @router.get(

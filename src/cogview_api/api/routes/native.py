@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from cogview_api.api import events, examples, idempotency
-from cogview_api.api.deps import BaseUrl, Secret, ServingDep, SettingsDep
+from cogview_api.api.deps import BaseUrl, From, Secret, ServingDep, SettingsDep, To
 from cogview_api.api.idempotency import REPLAYED_HEADER
 from cogview_api.api.metrics import count_cancelled
 from cogview_api.api.openapi import (
@@ -20,7 +20,7 @@ from cogview_api.api.openapi import (
     json_request_body,
 )
 from cogview_api.api.present import task_created, task_public
-from cogview_api.api.present_usage import ledger_entry_public, usage_public
+from cogview_api.api.present_usage import ledger_page, usage_public
 from cogview_api.api.schemas import (
     AccountPublic,
     Envelope,
@@ -308,16 +308,8 @@ async def get_account(secret: Secret, serving: ServingDep) -> Envelope[AccountPu
 async def get_usage(
     serving: ServingDep,
     secret: Secret,
-    # Read by the service (YYYY-MM-DD only, with its own messages).
-    start: Annotated[
-        str | None,
-        Query(
-            alias="from", description="First UTC day, YYYY-MM-DD (default: 29 days before `to`)."
-        ),
-    ] = None,
-    end: Annotated[
-        str | None, Query(alias="to", description="Last UTC day, inclusive (default: today).")
-    ] = None,
+    start: From = None,
+    end: To = None,
 ) -> Envelope[UsageReportPublic]:
     report = await run_in_threadpool(
         lambda: usage_service.usage_for(serving.db, secret=secret, start=start, end=end)
@@ -348,9 +340,4 @@ async def get_ledger(
     rows, next_cursor = await run_in_threadpool(
         lambda: usage_service.ledger_for(serving.db, secret=secret, limit=limit, cursor=cursor)
     )
-    data = LedgerPage(
-        entries=[ledger_entry_public(r) for r in rows],
-        next_cursor=next_cursor,
-        has_more=next_cursor is not None,
-    )
-    return Envelope[LedgerPage](data=data)
+    return Envelope[LedgerPage](data=ledger_page(rows, next_cursor))
