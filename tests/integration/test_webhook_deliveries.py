@@ -140,7 +140,7 @@ def test_the_delivery_rechecks_where_the_host_now_resolves(
     # Passed the check at submit (written here directly); by delivery time the name points
     # inside the network.
     with db.write() as conn:
-        t = task_store.insert_task(
+        t, _ = task_store.insert_task(
             conn,
             key_id=key.id,
             request=GenerationRequest(
@@ -177,7 +177,7 @@ def queued_hook(db: Database, key: ApiKey, url: str) -> Task:
     """A settled task whose delivery to `url` is due; written directly, past the submit check
     (the host may resolve differently at delivery)."""
     with db.write() as conn:
-        t = task_store.insert_task(
+        t, _ = task_store.insert_task(
             conn,
             key_id=key.id,
             request=GenerationRequest(

@@ -299,7 +299,7 @@ def _insert(
         states.append(
             rate_store.take_submit(conn, key_id=key.id, limit=rate, now=clock.epoch_seconds())
         )
-    task, waiting = task_store.insert_task_counted(
+    task, waiting = task_store.insert_task(
         conn,
         key_id=key.id,
         request=request,

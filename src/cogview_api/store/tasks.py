@@ -176,50 +176,16 @@ def insert_task(
     batch_size: int = 1,
     surface: str = "native",
     request_id: str | None = None,
-) -> Task:
+) -> tuple[Task, int]:
     """Reserve `price` credits and enqueue the task, in the caller's one transaction. Returns
-    the task as written (not read back), with its queue position.
+    the task as written (not read back), with its queue position, and how many of the key's
+    tasks wait with this one (counted up to `max_waiting_per_key`; 0 without it).
 
     Raises InsufficientCredits, RateLimited (the key has `max_waiting_per_key` waiting) or
     ServiceUnavailable (the queue holds `max_queue` and this key has its equal share of it, so
     one key's flood never shuts out a key with little waiting); either way the caller's
     transaction rolls back and nothing is written.
     """
-    return insert_task_counted(
-        conn,
-        key_id=key_id,
-        request=request,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        price=price,
-        max_attempts=max_attempts,
-        max_queue=max_queue,
-        max_waiting_per_key=max_waiting_per_key,
-        base_url=base_url,
-        batch_size=batch_size,
-        surface=surface,
-        request_id=request_id,
-    )[0]
-
-
-def insert_task_counted(
-    conn: Connection,
-    *,
-    key_id: str,
-    request: GenerationRequest,
-    steps: int,
-    guidance_scale: float,
-    price: int,
-    max_attempts: int,
-    max_queue: int,
-    max_waiting_per_key: int | None = None,
-    base_url: str | None = None,
-    batch_size: int = 1,
-    surface: str = "native",
-    request_id: str | None = None,
-) -> tuple[Task, int]:
-    """`insert_task`, and how many of the key's tasks wait with this one (counted up to
-    `max_waiting_per_key`; 0 without it)."""
     own = 0
     if max_waiting_per_key is not None:
         own = int(
