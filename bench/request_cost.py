@@ -59,6 +59,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--submit-keys", type=int, default=400, help="keys the submits rotate over (one a request)"
     )
+    p.add_argument(
+        "--paced-rate",
+        type=int,
+        default=1500,
+        help="polls/s held by hey (a paced load, not a saturating one) for the latency at a rate",
+    )
+    p.add_argument(
+        "--only-throughput",
+        action="store_true",
+        help="skip the per-request CPU phases; only the HTTP-processes throughput and paced load",
+    )
     p.add_argument("--out", type=Path)
     return p.parse_args()
 
@@ -324,6 +335,32 @@ def wrk(
     }
 
 
+def hey_paced(
+    url: str, *, rate: int, seconds: float, connections: int, secret: str
+) -> dict[str, Any]:
+    """`rate` requests/s held for `seconds` by hey (each of `connections` workers paced at
+    rate/connections): the latency at that load, where wrk measures it at saturation."""
+    per_worker = rate / connections
+    cmd = ["hey", "-z", f"{int(seconds)}s", "-c", str(connections), "-q", f"{per_worker:.2f}"]
+    cmd += ["-H", f"Authorization: Bearer {secret}", url]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    lat = {
+        m.group(1): float(m.group(2)) * 1e3 for m in re.finditer(r"(\d+)%+ in ([\d.]+) secs", out)
+    }
+    codes = {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"\[(\d{3})\]\s+(\d+) responses", out)
+    }
+    total = sum(codes.values())
+    return {
+        "target_rps": rate,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": total,
+        "errors": total - codes.get("200", 0),
+        "p50_ms": round(lat.get("50", float("nan")), 2),
+        "p99_ms": round(lat.get("99", float("nan")), 2),
+    }
+
+
 def _ms(value: str) -> float:
     for unit, factor in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
         if value.endswith(unit):
@@ -445,16 +482,20 @@ def main() -> int:
             stack.callback(s.stop)
         phases: dict[str, Any] = {}
         for label, size, endpoints in (
-            (
-                "backlog_small",
-                args.backlog_small,
-                ["healthz", "poll_completed", "account", "poll_queued_newest", "submit"],
-            ),
-            (
-                "backlog_large",
-                args.backlog_large,
-                ["healthz", "poll_completed", "poll_queued_newest", "submit"],
-            ),
+            ()
+            if args.only_throughput
+            else (
+                (
+                    "backlog_small",
+                    args.backlog_small,
+                    ["healthz", "poll_completed", "account", "poll_queued_newest", "submit"],
+                ),
+                (
+                    "backlog_large",
+                    args.backlog_large,
+                    ["healthz", "poll_completed", "poll_queued_newest", "submit"],
+                ),
+            )
         ):
             queued = {s.name: grow_backlog(s.db_path, size) for s in servers}
             for s in servers:
@@ -484,6 +525,16 @@ def main() -> int:
                         cpu=None,
                     )
                 )
+            paced = [
+                hey_paced(
+                    f"{this.base}/api/v1/tasks/{seeds['this']['done']}",
+                    rate=args.paced_rate,
+                    seconds=args.seconds * 3,
+                    connections=args.connections,
+                    secret=seeds["this"]["secret"],
+                )
+                for _ in range(args.rounds)
+            ]
             this.stop()
             throughput[f"http_processes_{procs}"] = {
                 "rps_median": round(statistics.median(r["rps"] for r in runs), 1),
@@ -491,6 +542,13 @@ def main() -> int:
                 "p99_ms_median": round(statistics.median(r["p99_ms"] for r in runs), 2),
                 "errors": sum(int(r["errors"]) for r in runs),
                 "runs": runs,
+                "paced": {
+                    "rps_median": round(statistics.median(r["rps"] for r in paced), 1),
+                    "p50_ms_median": round(statistics.median(r["p50_ms"] for r in paced), 2),
+                    "p99_ms_median": round(statistics.median(r["p99_ms"] for r in paced), 2),
+                    "errors": sum(int(r["errors"]) for r in paced),
+                    "runs": paced,
+                },
             }
         result["poll_throughput"] = throughput
     busy1, total1 = machine_cpu_s()
