@@ -16,7 +16,7 @@ submit run again. Last, `--http-processes` 1 vs 2 of this tree: polls/s and late
 
     .venv/bin/python bench/request_cost.py --out bench/results/request_cost-cpu.json
 
-Needs wrk (Debian: `apt-get install wrk`) and taskset (util-linux).
+Needs wrk and hey (Debian: `apt-get install wrk hey`) and taskset (util-linux).
 """
 
 from __future__ import annotations
