@@ -11,7 +11,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Literal, Protocol
 
 MODEL_NAMES = ("cogview-4", "cogview-4-250304")
@@ -67,6 +67,15 @@ _WIRE_STATUS: dict[TaskState, WireStatus] = {
     TaskState.FAILED: "FAILED",
     TaskState.CANCELLED: "CANCELLED",
 }
+
+
+class PriorityClass(IntEnum):
+    """A task's class in the queue (`tasks.priority`): a claim takes the waiting tasks of the
+    lowest class first, and a task of a later class only when none of an earlier one waits (or
+    to fill a batch's room). Fairness between API keys holds within each class."""
+
+    INTERACTIVE = 0  # a request a client waits on: submits of every surface
+    BATCH = 1  # work a client does not wait on (the batches API)
 
 
 class Stage(StrEnum):
@@ -294,6 +303,7 @@ class Task:
     surface: str = "native"  # the API it came in by: native, openai or zhipu (for metrics)
     webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
     output_compression: int | None = None  # JPEG/WebP quality; None: DEFAULT_COMPRESSION
+    priority: PriorityClass = PriorityClass.INTERACTIVE  # its class in the queue
 
     def __post_init__(self) -> None:
         _as_members(self, quality=Quality, output_format=OutputFormat)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from sqlalchemy import update
 
 from cogview_api.config import Settings
-from cogview_api.domain import GenerationRequest, Size
+from cogview_api.domain import GenerationRequest, PriorityClass, Size
 from cogview_api.services import generation
 from cogview_api.services import keys as key_service
-from cogview_api.store import positions, queue
+from cogview_api.store import positions, queue, tables
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 
@@ -127,3 +128,77 @@ def test_past_the_replays_limits_a_position_is_never_too_low(
         for e, x in zip(estimated.values(), exact.values(), strict=True)
     )
     assert estimated != exact  # the bound was used
+
+
+def as_batch_class(db: Database, ids: list[str]) -> None:
+    """Mark tasks BATCH class, as the batches API submits them (nothing else sets it yet)."""
+    with db.write() as conn:
+        conn.execute(
+            update(tables.tasks)
+            .where(tables.tasks.c.id.in_(ids))
+            .values(priority=PriorityClass.BATCH)
+        )
+
+
+@pytest.mark.parametrize("same_key", [True, False])
+def test_an_interactive_task_goes_before_fifty_batch_tasks(
+    db: Database, settings: Settings, same_key: bool
+) -> None:
+    settings = settings.model_copy(update={"max_batch_size": 4})
+    bulk, _ = key_service.create_key(db, name="bulk", credits=10_000)
+    user = bulk if same_key else key_service.create_key(db, name="user", credits=100)[0]
+    batch = [
+        generation.submit(db, settings, key=bulk, request=request(SQUARE)).id for _ in range(50)
+    ]
+    as_batch_class(db, batch)
+    late = generation.submit(db, settings, key=user, request=request(TALL))
+    assert late.queue_position == 1
+    with db.read() as conn:
+        assert (
+            task_store.get_task(conn, late.id, batch_size=4).priority is PriorityClass.INTERACTIVE
+        )
+        # A batch task counts the interactive one, then its own class's replay.
+        first, second = (task_store.get_task(conn, i, batch_size=4) for i in batch[:2])
+    assert (first.priority, first.queue_position, second.queue_position) == (
+        PriorityClass.BATCH,
+        2,
+        3,
+    )
+    with db.write() as conn:
+        assert queue.claim_batch(conn, worker_id="w", limit=4, lease_seconds=60) == [late.id]
+        assert queue.claim_batch(conn, worker_id="w", limit=4, lease_seconds=60) == batch[:4]
+
+
+def test_batch_tasks_fill_the_room_an_interactive_batch_leaves(
+    db: Database, settings: Settings
+) -> None:
+    bulk, _ = key_service.create_key(db, name="bulk", credits=10_000)
+    user, _ = key_service.create_key(db, name="user", credits=100)
+    batch = [
+        generation.submit(db, settings, key=bulk, request=request(SQUARE)).id for _ in range(5)
+    ]
+    as_batch_class(db, batch)
+    late = generation.submit(db, settings, key=user, request=request(SQUARE))
+    with db.write() as conn:
+        taken = queue.claim_batch(conn, worker_id="w", limit=3, lease_seconds=60)
+    assert taken == [late.id, *batch[:2]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_positions_with_both_classes_are_the_order_a_worker_claims_in(
+    db: Database, settings: Settings, batch_size: int
+) -> None:
+    """Batch-class tasks wait behind every interactive task, fairness holding within each class
+    (batch size 3: the interactive backlog's batches are full, so no batch task fills them)."""
+    settings = settings.model_copy(update={"max_batch_size": batch_size})
+    ids, key_ids = backlog(db, settings)
+    as_batch_class(db, ids[:6])  # heavy's first six, the oldest tasks
+    batches, snapshots = claim_all(db, batch_size, key_ids)
+    order = [i for batch in batches for i in batch]
+    assert set(order[-6:]) == set(ids[:6])
+    done = 0
+    for snapshot, batch in zip(snapshots, [[], *batches], strict=False):
+        done += len(batch)
+        ahead = order[done:]
+        waiting = {i: p for i, p in snapshot.items() if p is not None}
+        assert waiting == {i: ahead.index(i) + 1 for i in ahead}

@@ -7,13 +7,18 @@ the key's running tasks before the first claim, then its share of the previous b
 batch takes that batch key's tasks by (their key's load, seq). Tasks submitted later, other
 workers and cancels can change it; each read replays it afresh.
 
+Priority classes (domain.PriorityClass): the replay runs within a task's own class. A task of a
+later class (BATCH) counts every task of the earlier classes waiting, then its place in its
+class's replay; an INTERACTIVE task ignores BATCH tasks (a claim takes them only to fill the room
+interactive tasks leave).
+
 Cost is bounded however long the queue: a task with `HORIZON` or more of its own key's tasks
-ahead is not replayed at all, nor is anything while more than `MAX_KEYS` keys have tasks
-waiting; otherwise the replay reads at most `HORIZON` waiting tasks of each key (index
-ix_tasks_key_state_seq) and stops where a task it did not read could take part. A task the
-replay does not reach gets an upper bound instead, never too low: every waiting task but the
-ones that can never go before it (its own key's later tasks of its batch key, counted up to
-`COUNT_CAP`).
+of its class ahead is not replayed at all, nor is a class while more than `MAX_KEYS` keys have
+tasks of it waiting; otherwise the replay reads at most `HORIZON` waiting tasks of each key (index
+ix_tasks_state_priority_key_seq) and stops where a task it did not read could take part. A task
+the replay does not reach gets an upper bound instead, never too low: every waiting task but the
+ones that can never go before it (its own key's later tasks of its class and batch key, counted
+up to `COUNT_CAP`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, exists, func, select
 
-from cogview_api.domain import BatchKey, TaskState
+from cogview_api.domain import BatchKey, PriorityClass, TaskState
 from cogview_api.store.tables import api_keys, queue_depth, tasks
 
 HORIZON = 32  # waiting tasks read per key
@@ -34,6 +39,7 @@ COUNT_CAP = 256  # later tasks counted for the bound (rows read: the shape is no
 MAX_KEYS = 8  # keys with tasks waiting beyond which nothing is replayed (a statement per key)
 
 _queued = tasks.c.state == TaskState.QUEUED
+_in_class = tasks.c.priority == bindparam("priority")
 _SHAPE = (tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
 _RUNNING = (
     select(tasks.c.key_id, func.count())
@@ -43,28 +49,34 @@ _RUNNING = (
 # One index probe per key (keys are few next to tasks): no scan of the waiting tasks.
 _KEYS_WAITING = (
     select(api_keys.c.id)
-    .where(exists().where(tasks.c.key_id == api_keys.c.id, _queued))
+    .where(exists().where(tasks.c.key_id == api_keys.c.id, _queued, _in_class))
     .limit(bindparam("limit"))
 )
 _KEY_HEAD = (
     select(tasks.c.id, tasks.c.seq, *_SHAPE)
-    .where(tasks.c.key_id == bindparam("key_id"), _queued)
+    .where(tasks.c.key_id == bindparam("key_id"), _queued, _in_class)
     .order_by(tasks.c.seq)
     .limit(bindparam("limit"))
 )
-# How many of its key's waiting tasks are older than a task, counted up to HORIZON (index only).
+# How many of its key's waiting tasks of its class are older than a task, counted up to HORIZON
+# (index only).
 _KEY_AHEAD = select(func.count()).select_from(
     select(tasks.c.id)
-    .where(tasks.c.key_id == bindparam("key_id"), _queued, tasks.c.seq < bindparam("seq"))
+    .where(
+        tasks.c.key_id == bindparam("key_id"), _queued, _in_class, tasks.c.seq < bindparam("seq")
+    )
     .limit(bindparam("limit"))
     .subquery()
 )
 _WAITING = select(func.coalesce(func.sum(queue_depth.c.waiting), 0))
+# The waiting tasks of the classes before a class: all of them go first (index range).
+_EARLIER_CLASSES = select(func.count()).where(_queued, tasks.c.priority < bindparam("priority"))
 _LATER_SAME = select(func.count()).select_from(
     select(tasks.c.id)
     .where(
         tasks.c.key_id == bindparam("key_id"),
         _queued,
+        _in_class,
         tasks.c.seq > bindparam("seq"),
         tasks.c.width == bindparam("width"),
         tasks.c.height == bindparam("height"),
@@ -87,6 +99,7 @@ class Waiting:
     key_id: str
     seq: int
     shape: BatchKey
+    priority: PriorityClass = PriorityClass.INTERACTIVE
 
 
 @dataclass
@@ -108,9 +121,9 @@ class _KeyQueue:
         return self.tasks[-1].seq if self.tasks else -1
 
 
-def _read(row: Any, key_id: str) -> Waiting:
+def _read(row: Any, key_id: str, priority: PriorityClass) -> Waiting:
     shape = BatchKey(row.width, row.height, row.steps, row.guidance_scale)
-    return Waiting(id=row.id, key_id=key_id, seq=int(row.seq), shape=shape)
+    return Waiting(id=row.id, key_id=key_id, seq=int(row.seq), shape=shape, priority=priority)
 
 
 def queue_positions(
@@ -119,28 +132,47 @@ def queue_positions(
     """The position (1 = in the next claim, first) of each waiting task of `targets`."""
     out: dict[str, int] = {}
     bounds: dict[str, int] = {}
-    near = []
+    near: dict[PriorityClass, list[Waiting]] = {}
     for t in targets:
         ahead, bounds[t.id] = _measures(conn, t)
         if ahead >= HORIZON:  # past its key's horizon: the replay would stop before it
             out[t.id] = bounds[t.id]
         else:
-            near.append(t)
+            near.setdefault(t.priority, []).append(t)
     if not near:
         return out
     load: dict[str, int] = {k: int(n) for k, n in conn.execute(_RUNNING).all()}
-    queues: dict[str, _KeyQueue] = {}
-    keys = list(conn.execute(_KEYS_WAITING, {"limit": MAX_KEYS + 1}).scalars())
-    if len(keys) > MAX_KEYS:  # many tenants waiting: the replay would cost a poll too much
-        return {**out, **{t.id: bounds[t.id] for t in near}}
-    for key_id in keys:
-        rows = conn.execute(_KEY_HEAD, {"key_id": key_id, "limit": HORIZON + 1}).all()
-        read = [_read(r, key_id) for r in rows[:HORIZON]]
-        queues[key_id] = _KeyQueue(read, more=len(rows) > HORIZON)
-    found = replay(queues, load, {t.id for t in near}, batch_size)
-    for t in near:
-        out[t.id] = found.get(t.id, bounds[t.id])
+    for priority, group in near.items():
+        found = _replay_class(conn, priority, load, {t.id for t in group}, batch_size)
+        earlier = 0
+        if found and priority > min(PriorityClass):
+            earlier = int(conn.execute(_EARLIER_CLASSES, {"priority": priority}).scalar_one())
+        for t in group:
+            out[t.id] = earlier + found[t.id] if t.id in found else bounds[t.id]
     return out
+
+
+def _replay_class(
+    conn: Connection,
+    priority: PriorityClass,
+    load: dict[str, int],
+    wanted: set[str],
+    batch_size: int,
+) -> dict[str, int]:
+    """The places of `wanted` in the replay of one class's claims ({} past MAX_KEYS keys)."""
+    keys = list(
+        conn.execute(_KEYS_WAITING, {"limit": MAX_KEYS + 1, "priority": priority}).scalars()
+    )
+    if len(keys) > MAX_KEYS:  # many tenants waiting: the replay would cost a poll too much
+        return {}
+    queues: dict[str, _KeyQueue] = {}
+    for key_id in keys:
+        rows = conn.execute(
+            _KEY_HEAD, {"key_id": key_id, "limit": HORIZON + 1, "priority": priority}
+        ).all()
+        read = [_read(r, key_id, priority) for r in rows[:HORIZON]]
+        queues[key_id] = _KeyQueue(read, more=len(rows) > HORIZON)
+    return replay(queues, load, wanted, batch_size)
 
 
 def replay(
@@ -219,12 +251,13 @@ def _fill(
 def _measures(conn: Connection, t: Waiting) -> tuple[int, int]:
     """(its key's tasks ahead of `t`, up to HORIZON; the upper bound of its position), in one
     statement. The bound: 1 + every other waiting task, less the ones that never go before `t`:
-    its key's later tasks of its batch key (a batch takes one key's tasks of a batch key in seq
-    order, and the key's head, older than them, leads first)."""
+    its key's later tasks of its class and batch key (a batch takes one key's tasks of a class
+    and batch key in seq order, and the key's head, older than them, leads first)."""
     ahead, waiting, later = conn.execute(
         _MEASURES,
         {
             "key_id": t.key_id,
+            "priority": t.priority,
             "seq": t.seq,
             "limit": HORIZON,
             "width": t.shape.width,

@@ -1,9 +1,10 @@
 """The queue: claims, leases and the worker registry, all on the `tasks` table.
 
 A claim takes up to B waiting tasks that share a batch key (width, height, steps, guidance),
-the least-loaded API key's first, then oldest first, and marks them RUNNING under the worker's
-id with a lease deadline, in one short write transaction (PostgreSQL: `FOR UPDATE SKIP LOCKED`;
-SQLite: `BEGIN IMMEDIATE`).
+those of the lowest priority class first (domain.PriorityClass: interactive before batch), within
+a class the least-loaded API key's first, then oldest first, and marks them RUNNING under the
+worker's id with a lease deadline, in one short write transaction (PostgreSQL: `FOR UPDATE
+SKIP LOCKED`; SQLite: `BEGIN IMMEDIATE`).
 A worker renews its lease while it works; a lease that runs out puts the task back in the
 queue, and after `max_attempts` claims it fails with a refund. Every write a worker makes to
 a task is fenced on (state RUNNING, worker_id = its own id), so a worker that lost its lease
@@ -38,10 +39,12 @@ def claim_batch(
 
     Each API key's load is its RUNNING tasks (all workers) plus `recent`: how many of its tasks
     this worker's previous batch ran (a single worker would otherwise see every key at load 0
-    after each batch and go back to the oldest task, the heavy key's). The key with the least
-    load, then the oldest waiting task, picks the batch key; the batch then takes that batch
-    key's waiting tasks by (their key's load, seq). With `batch_key`, only tasks of that key
-    are taken (topping up a batch). Returns the ids in batch order.
+    after each batch and go back to the oldest task, the heavy key's). In the lowest priority
+    class with tasks waiting, the key with the least load, then the oldest waiting task, picks
+    the batch key; the batch then takes that batch key's waiting tasks by (their class, their
+    key's load, seq): a later class's tasks only fill the room the earlier class leaves. With
+    `batch_key`, only tasks of that key are taken (topping up a batch). Returns the ids in
+    batch order.
     """
     load: dict[str, int] = dict(recent or {})
     running = conn.execute(
@@ -55,9 +58,9 @@ def claim_batch(
         batch_key = _pick_batch_key(conn, load)
         if batch_key is None:
             return []
-    order: list[Any] = [tasks.c.seq]
-    if load:  # lighter keys' tasks first
-        order.insert(0, case(load, value=tasks.c.key_id, else_=0))
+    order: list[Any] = [tasks.c.priority, tasks.c.seq]
+    if load:  # within a class, lighter keys' tasks first
+        order.insert(1, case(load, value=tasks.c.key_id, else_=0))
     ids = list(
         conn.execute(
             select(tasks.c.id)
@@ -94,20 +97,25 @@ def claim_batch(
 
 
 def _pick_batch_key(conn: Connection, load: Mapping[str, int]) -> BatchKey | None:
-    """The batch key of the oldest waiting task of the least-loaded API key that has one.
+    """The batch key of the oldest waiting task of the least-loaded API key that has one, in the
+    lowest priority class with tasks waiting.
 
     Another worker's claim may hold that task's row (PostgreSQL, SKIP LOCKED): then the next
     key in order is tried.
     """
     heads = conn.execute(
-        select(tasks.c.key_id, func.min(tasks.c.seq))
+        select(tasks.c.priority, tasks.c.key_id, func.min(tasks.c.seq))
         .where(tasks.c.state == TaskState.QUEUED)
-        .group_by(tasks.c.key_id)
+        .group_by(tasks.c.priority, tasks.c.key_id)
     ).all()
-    for key_id, _ in sorted(heads, key=lambda h: (load.get(h[0], 0), h[1])):
+    for priority, key_id, _ in sorted(heads, key=lambda h: (h[0], load.get(h[1], 0), h[2])):
         head = conn.execute(
             select(tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
-            .where(tasks.c.state == TaskState.QUEUED, tasks.c.key_id == key_id)
+            .where(
+                tasks.c.state == TaskState.QUEUED,
+                tasks.c.priority == priority,
+                tasks.c.key_id == key_id,
+            )
             .order_by(tasks.c.seq)
             .limit(1)
             .with_for_update(skip_locked=True)

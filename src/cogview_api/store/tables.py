@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -131,6 +132,8 @@ tasks = Table(
     Column("request_id", String(128), nullable=True),
     # JPEG/WebP quality the request asked for (OpenAI's output_compression); NULL: the default.
     Column("output_compression", Integer, nullable=True),
+    # The queue class (domain.PriorityClass, migration 0015): a claim takes class 0 first.
+    Column("priority", SmallInteger, nullable=False, server_default="0"),
     Column("step", Integer, nullable=False, default=0),
     Column("attempts", Integer, nullable=False, default=0),
     Column("max_attempts", Integer, nullable=False),
@@ -150,6 +153,7 @@ tasks = Table(
     Index("ix_tasks_key_seq", "key_id", "seq"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_key_state_seq", "key_id", "state", "seq"),
+    Index("ix_tasks_state_priority_key_seq", "state", "priority", "key_id", "seq"),
 )
 
 images = Table(

@@ -17,6 +17,7 @@ from cogview_api.domain import (
     BatchKey,
     GenerationRequest,
     ImageRecord,
+    PriorityClass,
     Stage,
     Task,
     TaskState,
@@ -228,6 +229,7 @@ def insert_task(
         "base_url": base_url,
         "surface": surface,
         "request_id": request_id,
+        "priority": PriorityClass.INTERACTIVE,
         "step": 0,
         "attempts": 0,
         "max_attempts": max_attempts,
@@ -249,9 +251,10 @@ def insert_task(
     )
     counted = own + 1 if max_waiting_per_key is not None else 0
     task = _task(values, ())
-    if own >= positions.HORIZON:
+    if own >= positions.HORIZON and task.priority == max(PriorityClass):
         # Past its key's horizon (store/positions.py): the bound, every waiting task, this one
-        # the last of its key, from the counter read above.
+        # the last of its key, from the counter read above. (`own` counts every class: a task
+        # of an earlier class may be near the front of its own, and is positioned below.)
         return replace(task, queue_position=waiting + 1), counted
     (task,) = _positioned(conn, [task], batch_size)
     return task, counted
@@ -300,7 +303,7 @@ def _task_in_full(conn: Connection, m: Any, batch_size: int) -> Task:
 
 def _positioned(conn: Connection, found: Sequence[Task], batch_size: int) -> list[Task]:
     """The tasks, each waiting one with its queue position (store/positions.py)."""
-    queued = [positions.Waiting(t.id, t.key_id, t.seq, BatchKey.of(t)) for t in found]
+    queued = [positions.Waiting(t.id, t.key_id, t.seq, BatchKey.of(t), t.priority) for t in found]
     queued = [w for w, t in zip(queued, found, strict=True) if t.state is TaskState.QUEUED]
     at = positions.queue_positions(conn, queued, batch_size=batch_size)
     return [replace(t, queue_position=at[t.id]) if t.id in at else t for t in found]
@@ -575,5 +578,6 @@ def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
         completed_at=m["completed_at"],
         expires_at=m["expires_at"],
         worker_id=m["worker_id"],
+        priority=PriorityClass(m["priority"]),
         images=imgs,
     )
