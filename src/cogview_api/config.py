@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     # in the first process. Each has its own database pool (store/db.py; docs/deploy.md).
     http_processes: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # POST /api/v1/batches (docs/api.md "Batches"): at most this many requests in one batch,
+    # and its own body limit (JSON or JSONL) in place of max_body_bytes.
+    batch_max_requests: int = Field(default=10_000, ge=1, le=1_000_000)
+    batch_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024**3)
     # HTTP limits (docs/deploy.md): a request whose line and headers pass `http_max_header_bytes`
     # gets 431; its headers must arrive within `http_header_timeout_seconds` of its first byte
     # (or of the connection), its body within `http_body_timeout_seconds` of its headers; an

@@ -304,6 +304,8 @@ class Task:
     webhook: WebhookDelivery | None = None  # once a task with a callback_url has settled
     output_compression: int | None = None  # JPEG/WebP quality; None: DEFAULT_COMPRESSION
     priority: PriorityClass = PriorityClass.INTERACTIVE  # its class in the queue
+    batch_id: str | None = None  # the batch it came in by (POST /api/v1/batches), if any
+    batch_index: int | None = None  # its line in that batch, 0-based
 
     def __post_init__(self) -> None:
         _as_members(self, quality=Quality, output_format=OutputFormat)
@@ -325,6 +327,64 @@ class Task:
         elif self.stage is Stage.SAVING:
             pct = 98
         return min(pct, 99)
+
+
+BATCH_ID_PREFIX = "batch_"
+
+
+def new_batch_id() -> str:
+    """Opaque, URL-safe, 128 random bits, as a task id, starting with `batch_`."""
+    return BATCH_ID_PREFIX + secrets.token_urlsafe(16)
+
+
+class BatchStatus(StrEnum):
+    """Where a batch is: in progress until every one of its tasks has ended."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"  # every task ended (its counts say how many failed); terminal
+    CANCELLED = "cancelled"  # a batch cancel ended the tasks left; terminal
+
+    @property
+    def wire_status(self) -> Literal["IN_PROGRESS", "COMPLETED", "CANCELLED"]:
+        return _BATCH_WIRE[self]
+
+
+_BATCH_WIRE: dict[BatchStatus, Literal["IN_PROGRESS", "COMPLETED", "CANCELLED"]] = {
+    BatchStatus.IN_PROGRESS: "IN_PROGRESS",
+    BatchStatus.COMPLETED: "COMPLETED",
+    BatchStatus.CANCELLED: "CANCELLED",
+}
+
+
+class BatchEvent(StrEnum):
+    """What a batch's webhook announces: how it ended."""
+
+    COMPLETED = "batch.completed"
+    CANCELLED = "batch.cancelled"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch as the store holds it, with its tasks counted by state."""
+
+    id: str
+    seq: int
+    key_id: str
+    status: BatchStatus
+    total: int  # tasks
+    images_total: int
+    counts: dict[TaskState, int]  # every state, 0 included
+    images_done: int
+    credits_charged: int
+    credits_refunded: int
+    created_at: datetime
+    finished_at: datetime | None
+    callback_url: str | None
+    metadata: dict[str, str] | None
+    base_url: str | None = None
+
+    def __post_init__(self) -> None:
+        _as_members(self, status=BatchStatus)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     CogviewError
     ├── InvalidRequest            400 invalid_request      (bad JSON, bad or unknown field)
+    │   └── InvalidBatch          400 invalid_request      (bad lines of a batch, each listed)
     ├── AuthenticationFailed      401 authentication_error (missing or unknown key)
     ├── InsufficientCredits       402 insufficient_credits
     ├── PermissionDenied          403 permission_denied    (revoked key, admin route)
@@ -41,6 +42,28 @@ class CogviewError(Exception):
 class InvalidRequest(CogviewError):
     status = 400
     type = "invalid_request"
+
+
+@dataclass(frozen=True)
+class LineError:
+    """One bad line of a batch: its 0-based index, the field, and what is wrong."""
+
+    index: int
+    param: str | None
+    message: str
+
+
+class InvalidBatch(InvalidRequest):
+    """A batch with bad lines: refused whole, every bad line listed in `errors`."""
+
+    def __init__(self, errors: list[LineError]) -> None:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more bad lines)" if len(errors) > 1 else ""
+        super().__init__(
+            f"Line {first.index}: {first.message}{more}; the batch was not created.",
+            param="requests",
+        )
+        self.errors = errors
 
 
 class AuthenticationFailed(CogviewError):

@@ -22,6 +22,7 @@ from cogview_api import __version__, metrics
 from cogview_api.api.app import create_app
 from cogview_api.api.http_server import http_config
 from cogview_api.api.present import webhook_payload
+from cogview_api.api.present_batches import batch_webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
 from cogview_api.errors import ServiceUnavailable, StartError
@@ -192,7 +193,12 @@ def serve(settings: Settings) -> None:
     threads = [WorkerThread(w).start() for w in workers]
     listener = start_listener(settings, db, workers)
     # Webhooks, also with --workers 0; their payload is the API's task object.
-    dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
+    dispatcher = Dispatcher(
+        settings=settings,
+        db=db,
+        render=webhook_payload(settings),
+        render_batch=batch_webhook_payload(),
+    )
     dispatcher_thread = dispatcher.start()
     with db.read() as conn:
         if not key_store.list_keys(conn):
@@ -364,7 +370,12 @@ def run_worker(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     listener = start_listener(settings, db, [worker])
-    dispatcher = Dispatcher(settings=settings, db=db, render=webhook_payload(settings))
+    dispatcher = Dispatcher(
+        settings=settings,
+        db=db,
+        render=webhook_payload(settings),
+        render_batch=batch_webhook_payload(),
+    )
     dispatcher_thread = dispatcher.start()
     thread = WorkerThread(worker).start()
     try:

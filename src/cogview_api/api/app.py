@@ -14,6 +14,7 @@ from cogview_api.api.metrics import HttpMetrics
 from cogview_api.api.openapi import install_docs
 from cogview_api.api.routes import (
     admin,
+    batches,
     health,
     images,
     info,
@@ -90,6 +91,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(batches.router)
     app.include_router(info.router)
     app.include_router(openai_compat.router)
     app.include_router(zhipu_compat.router)
@@ -106,6 +108,7 @@ def create_app(
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,
+        body_limits={"/api/v1/batches": settings.batch_max_body_bytes},
         allowed_hosts=settings.allowed_hosts(),
         access_log=settings.access_log,
     )

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cogview_api.errors import (
     CogviewError,
+    InvalidBatch,
     InvalidRequest,
     LimitState,
     MethodNotAllowed,
@@ -158,6 +159,12 @@ def from_exception(exc: CogviewError, path: str) -> JSONResponse:
         # The OpenAI and Zhipu SDKs retry 5xx answers unless told not to; a retry would start
         # (and charge) another generation while a late task is still running.
         headers = {"x-should-retry": "false"}
+    if isinstance(exc, InvalidBatch) and surface_of(path) == "native":
+        body = native_error(exc.status, exc.type, exc.message, exc.param)
+        body["error"]["errors"] = [
+            {"index": e.index, "param": e.param, "message": e.message} for e in exc.errors
+        ]
+        return JSONResponse(body, status_code=exc.status)
     return error_response(exc.status, exc.type, exc.message, exc.param, headers, path=path)
 
 
@@ -225,9 +232,12 @@ class RequestGuard:
         max_body_bytes: int,
         allowed_hosts: frozenset[str] | None = None,
         access_log: bool = False,
+        body_limits: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Paths with a limit of their own (POST /api/v1/batches: COGVIEW_BATCH_MAX_BODY_BYTES).
+        self.body_limits = body_limits or {}
         self.allowed_hosts = allowed_hosts
         self.access_log = access_log
 
@@ -303,8 +313,9 @@ class RequestGuard:
                 )(scope, _no_receive, send_with_id)
                 return
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(scope, send_with_id)
+        limit = self.body_limits.get(scope["path"], self.max_body_bytes)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(scope, send_with_id, limit)
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and declared is None:
             await self.app(scope, receive, send_with_id)
@@ -315,8 +326,8 @@ class RequestGuard:
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                await self._too_large(scope, send_with_id)
+            if len(body) > limit:
+                await self._too_large(scope, send_with_id, limit)
                 return
             if not message.get("more_body", False):
                 break
@@ -331,9 +342,11 @@ class RequestGuard:
 
         await self.app(scope, replay, send_with_id)
 
-    async def _too_large(self, scope: Scope, send: Callable[[Message], Awaitable[None]]) -> None:
+    async def _too_large(
+        self, scope: Scope, send: Callable[[Message], Awaitable[None]], limit: int
+    ) -> None:
         resp = from_exception(
-            RequestTooLarge(f"Request body is larger than {self.max_body_bytes} bytes."),
+            RequestTooLarge(f"Request body is larger than {limit} bytes."),
             scope["path"],
         )
         resp.headers["connection"] = "close"

@@ -1,4 +1,5 @@
-"""Server-Sent Events of one task: the task object on every change, until it is terminal.
+"""Server-Sent Events of one task (and of one batch, `batch_stream`): the task object on every
+change, until it is terminal.
 
 The stream is `event: task` + `data: <task object JSON>` frames, the first one the state at
 connection time, the last one the terminal state; then the server closes it. The stream reads
@@ -19,8 +20,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cogview_api.api.present import ImageLinks, task_public
+from cogview_api.api.present_batches import batch_public
 from cogview_api.api.serving import give_back
-from cogview_api.domain import Task
+from cogview_api.domain import Batch, BatchStatus, Task
 from cogview_api.services.follow_limits import Slot
 from cogview_api.services.watch import TaskWatcher
 
@@ -69,6 +71,40 @@ async def task_stream(
                 log.info("event stream of task %s ended: its key was revoked", task.id)
                 return
             task = follower.task
+
+
+def batch_frame(batch: Batch) -> str:
+    return f"event: batch\ndata: {batch_public(batch).model_dump_json()}\n\n"
+
+
+async def batch_stream(
+    *, watcher: TaskWatcher, first: Batch, keepalive_s: float
+) -> AsyncIterator[str]:
+    """`event: batch` frames of the batch object: the first at once, one per change (the
+    process's watcher follows the batch for every stream of it), the last its final state."""
+    batch, sent, last_write = first, "", time.monotonic()
+    with watcher.follow_batch(first) as follower:
+        while True:
+            frame = batch_frame(batch)
+            if frame != sent:
+                yield frame
+                sent, last_write = frame, time.monotonic()
+            if batch.status is not BatchStatus.IN_PROGRESS:
+                return
+            quiet = last_write + keepalive_s - time.monotonic()
+            try:
+                await asyncio.wait_for(follower.changed.wait(), timeout=max(0.0, quiet))
+            except TimeoutError:
+                yield KEEPALIVE
+                last_write = time.monotonic()
+                continue
+            follower.changed.clear()
+            if watcher.closing:
+                return
+            if follower.revoked or follower.gone:
+                log.info("event stream of batch %s ended: its key was revoked", batch.id)
+                return
+            batch = follower.batch
 
 
 class TaskEventsResponse(StreamingResponse):

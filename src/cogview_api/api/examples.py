@@ -383,3 +383,84 @@ INFO_ANSWER = success(
         "max_images_per_request": 4,
     }
 )
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+BATCH_ID = "batch_Qm3vT8wLx1RkZp0cJ7nYbA"
+BATCH_REQUESTS: dict[str, dict[str, Any]] = {
+    "json": {
+        "summary": "Two requests, with metadata",
+        "value": {
+            "requests": [
+                {"model": "cogview-4", "prompt": "A red fox in the snow", "size": "512*512"},
+                {
+                    "model": "cogview-4",
+                    "prompt": "A lighthouse on a cliff at dusk, oil painting",
+                    "quality": "standard",
+                    "n": 2,
+                },
+            ],
+            "metadata": {"campaign": "winter"},
+        },
+    },
+}
+BATCH_JSONL = (
+    '{"model": "cogview-4", "prompt": "A red fox in the snow", "size": "512*512"}\n'
+    '{"model": "cogview-4", "prompt": "A lighthouse at dusk", "quality": "standard", "n": 2}\n'
+)
+BATCH_IN_PROGRESS = {
+    "batch_id": BATCH_ID,
+    "object": "batch",
+    "status": "IN_PROGRESS",
+    "total": 2,
+    "counts": {"queued": 1, "running": 1, "completed": 0, "failed": 0, "cancelled": 0},
+    "images": {"done": 0, "total": 3},
+    "credits": {"charged": 12, "refunded": 0},
+    "created_at": CREATED,
+    "finished_at": None,
+    "callback_url": None,
+    "metadata": {"campaign": "winter"},
+}
+BATCH_COMPLETED = {
+    **BATCH_IN_PROGRESS,
+    "status": "COMPLETED",
+    "counts": {"queued": 0, "running": 0, "completed": 2, "failed": 0, "cancelled": 0},
+    "images": {"done": 3, "total": 3},
+    "finished_at": "2026-11-24T05:01:10Z",
+}
+BATCH_CANCELLED = {
+    **BATCH_IN_PROGRESS,
+    "status": "CANCELLED",
+    "counts": {"queued": 0, "running": 0, "completed": 1, "failed": 0, "cancelled": 1},
+    "images": {"done": 1, "total": 3},
+    "credits": {"charged": 12, "refunded": 8},
+    "finished_at": "2026-11-24T05:00:40Z",
+}
+BATCH_CREATED_ANSWER = success(BATCH_IN_PROGRESS)
+BATCH_ANSWER = success(BATCH_COMPLETED)
+BATCH_CANCEL_ANSWER = success(BATCH_CANCELLED)
+BATCH_LIST_ANSWER = success(
+    {"batches": [BATCH_COMPLETED], "next_cursor": "Yjo0Mg", "has_more": True}
+)
+BATCH_TASKS_ANSWER = success(
+    {
+        "tasks": [{**TASK_COMPLETED, "batch_id": BATCH_ID, "batch_index": 0}],
+        "next_cursor": "YnQ6MA",
+        "has_more": True,
+    }
+)
+BATCH_EVENTS_ANSWER = (
+    f'event: batch\ndata: {{"batch_id":"{BATCH_ID}","status":"IN_PROGRESS",...}}\n\n'
+    ": keep-alive\n\n"
+    f'event: batch\ndata: {{"batch_id":"{BATCH_ID}","status":"COMPLETED",...}}\n\n'
+)
+BATCH_LINE_ERRORS = {
+    "error": {
+        "code": 400,
+        "message": "Line 9999: Invalid 'size': size must be W*H; the batch was not created.",
+        "type": "invalid_request",
+        "param": "requests",
+        "errors": [{"index": 9999, "param": "size", "message": "Invalid 'size': ..."}],
+    }
+}

@@ -98,6 +98,8 @@ def task_public(task: Task, base: ImageLinks) -> TaskPublic:
         credits=CreditsPublic(charged=task.credits_charged, refunded=task.credits_refunded),
         error=error,
         webhook=webhook_public(task.webhook) if task.webhook else None,
+        batch_id=task.batch_id,
+        batch_index=task.batch_index,
     )
 
 

@@ -188,6 +188,17 @@ class TaskPublic(BaseModel):
     webhook: WebhookPublic | None = Field(
         default=None, description="Deliveries to callback_url; not part of the webhook payload."
     )
+    # Only on a batch's task (left out of every other task's object).
+    batch_id: str | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="The batch this task is a line of (POST /api/v1/batches); absent otherwise.",
+    )
+    batch_index: int | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Its line in that batch, 0-based; absent for a task submitted alone.",
+    )
 
 
 class TaskCreated(BaseModel):

@@ -11,11 +11,15 @@ count how often each task was run and by which process. `COGVIEW_TEST_ECHO_STEP_
 
 A prompt containing `FAIL_MARKER` ("[echo:fail]") makes the engine raise EngineError for its
 batch, as a real engine does on a GPU fault: the tests' way to fail a task in a real process.
+One containing `NOISE_MARKER` ("[echo:noise]") gets images of noise drawn from each image's
+seed instead of one colour: files as large as a photograph's, which no encoder can shrink, for
+the tests of what the server holds in memory while it sends images (a batch's archive).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 ECHO_MODEL = "test-echo"
 STEP_SECONDS_ENV = "COGVIEW_TEST_ECHO_STEP_SECONDS"
 FAIL_MARKER = "[echo:fail]"
+NOISE_MARKER = "[echo:noise]"
 
 
 def calls_dir(cache_dir: Path) -> Path:
@@ -61,12 +66,16 @@ class EchoEngine:
                 if going and not progress(job.task_id, "denoising", step):
                     live.discard(job.task_id)
         return [
-            [_image(job.width, job.height, seed) for seed in job.seeds]
+            [_image(job.width, job.height, seed, NOISE_MARKER in job.prompt) for seed in job.seeds]
             if job.task_id in live
             else []
             for job in jobs
         ]
 
 
-def _image(width: int, height: int, seed: int) -> Image.Image:
+def _image(width: int, height: int, seed: int, noise: bool = False) -> Image.Image:
+    if noise:
+        return Image.frombytes(
+            "RGB", (width, height), random.Random(seed).randbytes(width * height * 3)
+        )
     return Image.new("RGB", (width, height), (seed % 256, (seed >> 8) % 256, (seed >> 16) % 256))

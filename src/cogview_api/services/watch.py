@@ -16,6 +16,10 @@ that is newly followed is then read in full: once, however many follow it. Revoc
 the followers through the same look (the key's `revoked_at`), so a revoked key's streams and
 waits end within one tick (or at once on PostgreSQL).
 
+Batches are followed the same way (`follow_batch`, for the batch event streams): each look
+also reads, for all followed batches at once, their status and their tasks counted by state
+(store.batches.batch_versions), and reads a batch in full only when that changed.
+
 All state lives on the event loop; `poke` is the only method for other threads.
 """
 
@@ -28,9 +32,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cogview_api.domain import Task, TaskState
+from cogview_api.domain import Batch, Task, TaskState
 from cogview_api.errors import CogviewError, NotFound
 from cogview_api.services.signals import TaskSignals
+from cogview_api.store import batches as batch_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.store.notify import CHANGES_CHANNEL, Listener
@@ -51,10 +56,22 @@ class Follower:
         self.changed = asyncio.Event()
 
 
+class BatchFollower:
+    """One batch stream's view of its batch, as `Follower` is of a task."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.revoked = False
+        self.gone = False
+        self.changed = asyncio.Event()
+
+
 @dataclass(frozen=True)
 class _Seen:
     look: task_store.WatchLook
     full: dict[str, Task]
+    batches: dict[str, batch_store.BatchVersion]
+    full_batches: dict[str, Batch]
 
 
 class TaskWatcher:
@@ -75,6 +92,9 @@ class TaskWatcher:
         self._followers: dict[str, set[Follower]] = {}
         self._versions: dict[str, tuple[Any, ...]] = {}
         self._fresh: set[str] = set()  # followed since the last look: read in full
+        self._batch_followers: dict[str, set[BatchFollower]] = {}
+        self._batch_versions: dict[str, tuple[Any, ...]] = {}
+        self._batch_fresh: set[str] = set()
         self._queue: task_store.QueueMark | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -117,6 +137,29 @@ class TaskWatcher:
                 self._versions.pop(task.id, None)
                 self._fresh.discard(task.id)
 
+    @contextlib.contextmanager
+    def follow_batch(self, batch: Batch) -> Iterator[BatchFollower]:
+        """Follow `batch` (as its key may see it now) until the block ends. Call on the loop."""
+        wake = self._start()
+        follower = BatchFollower(batch)
+        followers = self._batch_followers.setdefault(batch.id, set())
+        if not followers:
+            self._batch_fresh.add(batch.id)
+            wake.set()
+        followers.add(follower)
+        try:
+            yield follower
+        finally:
+            followers.discard(follower)
+            if not followers and self._batch_followers.get(batch.id) is followers:
+                del self._batch_followers[batch.id]
+                self._batch_versions.pop(batch.id, None)
+                self._batch_fresh.discard(batch.id)
+
+    @property
+    def _following(self) -> bool:
+        return bool(self._followers or self._batch_followers)
+
     async def aclose(self) -> None:
         """End the followers and the watcher (the app's shutdown)."""
         self.signals.close()
@@ -142,15 +185,22 @@ class TaskWatcher:
         assert wake is not None
         while not self.closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.interval if self._followers else None)
+                await asyncio.wait_for(wake.wait(), self.interval if self._following else None)
             wake.clear()
-            if self.closing or not self._followers:
+            if self.closing or not self._following:
                 continue
             ids = list(self._followers)
             fresh = self._fresh & set(ids)
+            bids = list(self._batch_followers)
+            bfresh = self._batch_fresh & set(bids)
             try:
                 seen = await asyncio.to_thread(
-                    self._look, ids, fresh, dict(self._versions), self._queue
+                    self._look,
+                    ids,
+                    fresh,
+                    dict(self._versions),
+                    self._queue,
+                    (bids, bfresh, dict(self._batch_versions)),
                 )
             except CogviewError as exc:  # the database is away: try again at the next tick
                 log.warning("task watcher: %s", exc.message)
@@ -160,9 +210,13 @@ class TaskWatcher:
                 await asyncio.sleep(_BACKOFF_S)
                 continue
             self._publish(ids, fresh, seen)
+            self._publish_batches(bids, bfresh, seen)
         for followers in self._followers.values():
             for f in followers:
                 f.changed.set()
+        for batch_followers in self._batch_followers.values():
+            for b in batch_followers:
+                b.changed.set()
 
     def _look(
         self,
@@ -170,9 +224,16 @@ class TaskWatcher:
         fresh: set[str],
         known: dict[str, tuple[Any, ...]],
         queue: task_store.QueueMark | None,
+        batches: tuple[list[str], set[str], dict[str, tuple[Any, ...]]] = ([], set(), {}),
     ) -> _Seen:
         """One statement for all; a full read of each task that changed (in a thread)."""
         with self.db.read() as conn:
+            seen_batches, full_batches = self._look_batches(conn, *batches)
+            if not ids:
+                look = task_store.WatchLook(
+                    versions={}, revoked=frozenset(), queue=queue, queue_moved=False
+                )
+                return _Seen(look=look, full={}, batches=seen_batches, full_batches=full_batches)
             look = task_store.watch_look(conn, ids, queue)
             changed = [
                 i
@@ -186,7 +247,39 @@ class TaskWatcher:
                 if i not in look.revoked:
                     with contextlib.suppress(NotFound):  # deleted since: gone at the next look
                         full[i] = task_store.get_task(conn, i, batch_size=self.batch_size)
-        return _Seen(look=look, full=full)
+        return _Seen(look=look, full=full, batches=seen_batches, full_batches=full_batches)
+
+    def _look_batches(
+        self, conn: Any, ids: list[str], fresh: set[str], known: dict[str, tuple[Any, ...]]
+    ) -> tuple[dict[str, batch_store.BatchVersion], dict[str, Batch]]:
+        if not ids:
+            return {}, {}
+        seen = batch_store.batch_versions(conn, ids)
+        full: dict[str, Batch] = {}
+        for i, v in seen.items():
+            if not v.revoked and (i in fresh or v.version != known.get(i)):
+                with contextlib.suppress(NotFound):
+                    full[i] = batch_store.get_batch(conn, i)
+        return seen, full
+
+    def _publish_batches(self, ids: Sequence[str], fresh: set[str], seen: _Seen) -> None:
+        self._batch_fresh -= fresh
+        for batch_id in ids:
+            followers = self._batch_followers.get(batch_id)
+            if not followers:
+                continue
+            found = seen.batches.get(batch_id)
+            if found is not None:
+                self._batch_versions[batch_id] = found.version
+            batch = seen.full_batches.get(batch_id)
+            gone, revoked = found is None, found is not None and found.revoked
+            if batch is None and not gone and not revoked:
+                continue
+            for f in followers:
+                f.gone, f.revoked = gone, revoked
+                if batch is not None:
+                    f.batch = batch
+                f.changed.set()
 
     def _publish(self, ids: Sequence[str], fresh: set[str], seen: _Seen) -> None:
         look = seen.look

@@ -40,6 +40,7 @@ class IdempotencyRecord:
     request_hash: str
     task_id: str | None
     created_at: datetime
+    batch_id: str | None = None  # the batch, for a POST /api/v1/batches
 
 
 def find(
@@ -52,6 +53,7 @@ def find(
             idempotency_keys.c.request_hash,
             idempotency_keys.c.task_id,
             idempotency_keys.c.created_at,
+            idempotency_keys.c.batch_id,
         ).where(
             idempotency_keys.c.key_id == key_id,
             idempotency_keys.c.idem_key == idem_key,
@@ -60,7 +62,7 @@ def find(
     ).first()
     if row is None:
         return None
-    return IdempotencyRecord(row.request_hash, row.task_id, row.created_at)
+    return IdempotencyRecord(row.request_hash, row.task_id, row.created_at, row.batch_id)
 
 
 def claim(conn: Connection, *, key_id: str, idem_key: str, request_hash: str) -> None:
@@ -100,6 +102,15 @@ def attach(conn: Connection, *, key_id: str, idem_key: str, task_id: str) -> Non
         update(idempotency_keys)
         .where(idempotency_keys.c.key_id == key_id, idempotency_keys.c.idem_key == idem_key)
         .values(task_id=task_id)
+    )
+
+
+def attach_batch(conn: Connection, *, key_id: str, idem_key: str, batch_id: str) -> None:
+    """Record the batch that the claimed key's request created (same transaction as `claim`)."""
+    conn.execute(
+        update(idempotency_keys)
+        .where(idempotency_keys.c.key_id == key_id, idempotency_keys.c.idem_key == idem_key)
+        .values(batch_id=batch_id)
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, func, insert, select, update
@@ -167,6 +167,41 @@ def add_credits(
             "created_at": utcnow(),
         },
     )
+
+
+def move_credits_per_task(
+    conn: Connection, *, key_id: str, kind: str, amounts: Sequence[tuple[str, int]], what: str
+) -> None:
+    """Reserve (`amounts` negative) or refund (positive) credits for many tasks at once: one
+    balance update for their sum, one ledger row per task (so every credit still traces to its
+    task) written by one executemany. A reserve that would take the balance below zero raises
+    InsufficientCredits naming `what` it was for, its cost and the balance; nothing is written.
+    """
+    total = sum(amount for _, amount in amounts)
+    if not amounts:
+        return
+    result = conn.execute(_MOVE_CREDITS, {"key_id": key_id, "amount": total})
+    if result.rowcount != 1:
+        balance = get_key(conn, key_id).balance  # NotFound for an unknown key
+        raise InsufficientCredits(
+            f"Insufficient credits: {what} needs {-total} credits and the key's balance is "
+            f"{balance}."
+        )
+    now = utcnow()
+    rows = [
+        {
+            "key_id": key_id,
+            "kind": kind,
+            "amount": amount,
+            "task_id": task_id,
+            "note": None,
+            "created_at": now,
+        }
+        for task_id, amount in amounts
+        if amount
+    ]
+    if rows:
+        conn.execute(_INSERT_LEDGER, rows)
 
 
 def account_totals(conn: Connection, key_id: str) -> tuple[int, int]:

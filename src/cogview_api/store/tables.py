@@ -150,10 +150,36 @@ tasks = Table(
     Column("expires_at", UTCDateTime, nullable=True),
     # The API the task came in by: native | openai | zhipu (migration 0010), for usage reports.
     Column("surface", String(16), nullable=False, server_default="native"),
+    # The batch the task came in by, and its line there (0-based); NULL for a task submitted
+    # alone (migration 0016).
+    Column("batch_id", String(64), nullable=True),
+    Column("batch_index", Integer, nullable=True),
     Index("ix_tasks_key_seq", "key_id", "seq"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_key_state_seq", "key_id", "state", "seq"),
     Index("ix_tasks_state_priority_key_seq", "state", "priority", "key_id", "seq"),
+    Index("ix_tasks_batch_index", "batch_id", "batch_index"),
+)
+
+# One row per POST /api/v1/batches (migration 0016); its tasks are ordinary `tasks` rows with
+# its id in batch_id. `live` counts its tasks not yet ended: the transaction that ends one
+# decrements it (store/batches.py), and the one that takes it to 0 ends the batch.
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # list order and cursor
+    Column("id", String(64), nullable=False, unique=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("status", String(16), nullable=False),  # in_progress | completed | cancelled
+    Column("total", Integer, nullable=False),  # tasks
+    Column("images_total", Integer, nullable=False),
+    Column("live", Integer, nullable=False),
+    Column("callback_url", Text, nullable=True),
+    Column("base_url", Text, nullable=True),  # for the webhook's body, rendered later
+    Column("user_metadata", JSON, nullable=True),  # the client's metadata, as given
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index("ix_batches_key_seq", "key_id", "seq"),
 )
 
 images = Table(
@@ -187,6 +213,8 @@ idempotency_keys = Table(
     # Null only inside the submit transaction, between claiming the key and inserting the task.
     Column("task_id", String(64), ForeignKey("tasks.id"), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # The batch, for a POST /api/v1/batches (its task_id NULL), migration 0016.
+    Column("batch_id", String(64), nullable=True),
     Index("ix_idempotency_keys_created_at", "created_at"),
 )
 
@@ -214,16 +242,19 @@ webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
     Column("id", String(64), primary_key=True),  # the webhook-id header, same on every retry
-    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False, unique=True),
+    # A task's webhook, or a batch's (task_id NULL, batch_id set; migration 0016).
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=True, unique=True),
     Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
     Column("url", Text, nullable=False),
-    Column("event", String(32), nullable=False),  # task.completed | task.failed | task.cancelled
+    # task.completed | task.failed | task.cancelled | batch.completed | batch.cancelled
+    Column("event", String(32), nullable=False),
     Column("body", Text, nullable=True),  # the signed payload, fixed at the first attempt
     Column("state", String(16), nullable=False),  # pending | delivered | failed (gave up)
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
+    Column("batch_id", String(64), nullable=True, unique=True),
     Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
 )
 

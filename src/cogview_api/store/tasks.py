@@ -26,6 +26,7 @@ from cogview_api.domain import (
 )
 from cogview_api.errors import LimitState, NotFound, RateLimited, ServiceUnavailable
 from cogview_api.store import positions
+from cogview_api.store.batch_ends import batch_task_ended
 from cogview_api.store.keys import add_credits, hash_key, key_from
 from cogview_api.store.notify import announce, announce_change
 from cogview_api.store.tables import api_keys, images, queue_depth, tasks
@@ -206,7 +207,61 @@ def insert_task(
         raise ServiceUnavailable("The queue is full; try again shortly.", retry_after=10)
     task_id = new_task_id()
     add_credits(conn, key_id=key_id, amount=-price, kind="reserve", task_id=task_id)
-    values: dict[str, Any] = {
+    values = task_values(
+        task_id=task_id,
+        key_id=key_id,
+        request=request,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        price=price,
+        max_attempts=max_attempts,
+        base_url=base_url,
+        surface=surface,
+        request_id=request_id,
+        now=utcnow(),
+    )
+    (seq,) = conn.execute(_INSERT_TASK, values).inserted_primary_key or (None,)
+    announce(conn)  # wakes listening workers when this transaction commits (PostgreSQL)
+    values.update(
+        seq=seq,
+        worker_id=None,
+        error_code=None,
+        error_type=None,
+        error_message=None,
+        started_at=None,
+        completed_at=None,
+        expires_at=None,
+        batch_id=None,
+        batch_index=None,
+    )
+    counted = own + 1 if max_waiting_per_key is not None else 0
+    task = _task(values, ())
+    if own >= positions.HORIZON and task.priority == max(PriorityClass):
+        # Past its key's horizon (store/positions.py): the bound, every waiting task, this one
+        # the last of its key, from the counter read above. (`own` counts every class: a task
+        # of an earlier class may be near the front of its own, and is positioned below.)
+        return replace(task, queue_position=waiting + 1), counted
+    (task,) = _positioned(conn, [task], batch_size)
+    return task, counted
+
+
+def task_values(
+    *,
+    task_id: str,
+    key_id: str,
+    request: GenerationRequest,
+    steps: int,
+    guidance_scale: float,
+    price: int,
+    max_attempts: int,
+    base_url: str | None,
+    surface: str,
+    request_id: str | None,
+    now: datetime,
+    priority: PriorityClass = PriorityClass.INTERACTIVE,
+) -> dict[str, Any]:
+    """The `tasks` row of a new waiting task (a submit's, or one line of a batch's)."""
+    return {
         "id": task_id,
         "key_id": key_id,
         "state": TaskState.QUEUED,
@@ -229,35 +284,14 @@ def insert_task(
         "base_url": base_url,
         "surface": surface,
         "request_id": request_id,
-        "priority": PriorityClass.INTERACTIVE,
+        "priority": priority,
         "step": 0,
         "attempts": 0,
         "max_attempts": max_attempts,
         "credits_charged": price,
         "credits_refunded": 0,
-        "created_at": utcnow(),
+        "created_at": now,
     }
-    (seq,) = conn.execute(_INSERT_TASK, values).inserted_primary_key or (None,)
-    announce(conn)  # wakes listening workers when this transaction commits (PostgreSQL)
-    values.update(
-        seq=seq,
-        worker_id=None,
-        error_code=None,
-        error_type=None,
-        error_message=None,
-        started_at=None,
-        completed_at=None,
-        expires_at=None,
-    )
-    counted = own + 1 if max_waiting_per_key is not None else 0
-    task = _task(values, ())
-    if own >= positions.HORIZON and task.priority == max(PriorityClass):
-        # Past its key's horizon (store/positions.py): the bound, every waiting task, this one
-        # the last of its key, from the counter read above. (`own` counts every class: a task
-        # of an earlier class may be near the front of its own, and is positioned below.)
-        return replace(task, queue_position=waiting + 1), counted
-    (task,) = _positioned(conn, [task], batch_size)
-    return task, counted
 
 
 def get_task(
@@ -326,6 +360,12 @@ def list_tasks(
     if states:
         query = query.where(tasks.c.state.in_([s.value for s in states]))
     rows = conn.execute(query.order_by(tasks.c.seq.desc()).limit(limit)).all()
+    return tasks_in_full(conn, rows, batch_size)
+
+
+def tasks_in_full(conn: Connection, rows: Sequence[Any], batch_size: int) -> list[Task]:
+    """The tasks of rows of `tasks`, with their images, webhooks and queue positions, read for
+    all of them at once."""
     imgs = _images(conn, [r.id for r in rows])
     hooks = deliveries_of(conn, [r.id for r in rows if r.callback_url is not None])
     found = [replace(_task(r._mapping, imgs.get(r.id, ())), webhook=hooks.get(r.id)) for r in rows]
@@ -355,8 +395,10 @@ def complete_task(
             expires_at=expires,
             lease_expires_at=None,
         )
+        .returning(tasks.c.batch_id)
     )
-    if result.rowcount != 1:
+    settled = result.first()
+    if settled is None:
         return False
     conn.execute(
         insert(images),
@@ -378,6 +420,8 @@ def complete_task(
         ],
     )
     enqueue_delivery(conn, task_id=task_id)
+    if settled.batch_id is not None:
+        batch_task_ended(conn, settled.batch_id)
     announce_change(conn)
     return True
 
@@ -414,7 +458,9 @@ def fail_task(
     """
     live = tasks.c.state.in_([TaskState.QUEUED, TaskState.RUNNING])
     where = _owned(task_id, worker_id) if worker_id else and_(tasks.c.id == task_id, live)
-    row = conn.execute(select(tasks.c.key_id, tasks.c.credits_charged).where(where)).first()
+    row = conn.execute(
+        select(tasks.c.key_id, tasks.c.credits_charged, tasks.c.batch_id).where(where)
+    ).first()
     if row is None:
         return False
     result = conn.execute(
@@ -437,6 +483,8 @@ def fail_task(
             conn, key_id=row.key_id, amount=int(row.credits_charged), kind="refund", task_id=task_id
         )
     enqueue_delivery(conn, task_id=task_id)
+    if row.batch_id is not None:
+        batch_task_ended(conn, row.batch_id)
     announce_change(conn)
     return True
 
@@ -580,4 +628,6 @@ def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
         worker_id=m["worker_id"],
         priority=PriorityClass(m["priority"]),
         images=imgs,
+        batch_id=m["batch_id"],
+        batch_index=m["batch_index"],
     )

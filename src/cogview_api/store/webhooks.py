@@ -19,6 +19,7 @@ from sqlalchemy import Connection, func, insert, select, update
 
 from cogview_api.clock import utcnow
 from cogview_api.domain import (
+    BatchEvent,
     DeliveryState,
     TaskState,
     WebhookAttempt,
@@ -28,6 +29,7 @@ from cogview_api.domain import (
 from cogview_api.signing import new_message_id
 from cogview_api.store.tables import (
     api_keys,
+    batches,
     tasks,
     webhook_attempts,
     webhook_deliveries,
@@ -41,11 +43,13 @@ class DueDelivery:
     """A claimed delivery: what one attempt needs."""
 
     id: str
-    task_id: str
+    task_id: str | None  # None for a batch's webhook
     url: str
     body: str | None  # None until the first attempt fixes it
     number: int  # this attempt's number, from 1
     secret: str  # the key's current signing secret
+    batch_id: str | None = None  # a batch's webhook (batch.completed, batch.cancelled)
+    event: str = ""  # the delivery's event
 
 
 def enqueue_delivery(conn: Connection, *, task_id: str) -> None:
@@ -63,6 +67,31 @@ def enqueue_delivery(conn: Connection, *, task_id: str) -> None:
             key_id=row.key_id,
             url=row.callback_url,
             event=WebhookEvent.of(TaskState(row.state)),
+            body=None,
+            state=DeliveryState.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+
+
+def enqueue_batch_delivery(conn: Connection, *, batch_id: str, event: BatchEvent) -> None:
+    """Queue the webhook of a batch that has just ended, if it asked for one."""
+    row = conn.execute(
+        select(batches.c.key_id, batches.c.callback_url).where(batches.c.id == batch_id)
+    ).first()
+    if row is None or row.callback_url is None:
+        return
+    now = utcnow()
+    conn.execute(
+        insert(_d).values(
+            id=new_message_id(),
+            task_id=None,
+            batch_id=batch_id,
+            key_id=row.key_id,
+            url=row.callback_url,
+            event=event,
             body=None,
             state=DeliveryState.PENDING,
             attempts=0,
@@ -100,7 +129,16 @@ def claim_due(
     """
     now = now or utcnow()
     rows = conn.execute(
-        select(_d.c.id, _d.c.task_id, _d.c.url, _d.c.body, _d.c.attempts, api_keys.c.webhook_secret)
+        select(
+            _d.c.id,
+            _d.c.task_id,
+            _d.c.batch_id,
+            _d.c.event,
+            _d.c.url,
+            _d.c.body,
+            _d.c.attempts,
+            api_keys.c.webhook_secret,
+        )
         .select_from(_d.join(api_keys, api_keys.c.id == _d.c.key_id))
         .where(_d.c.state == DeliveryState.PENDING, _d.c.next_attempt_at <= now)
         .order_by(_d.c.next_attempt_at)
@@ -122,6 +160,8 @@ def claim_due(
             body=r.body,
             number=r.attempts + 1,
             secret=r.webhook_secret,
+            batch_id=r.batch_id,
+            event=r.event,
         )
         for r in rows
     ]

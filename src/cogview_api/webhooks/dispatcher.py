@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import httpx
+from sqlalchemy import Connection
 
 from cogview_api import __version__, signing
 from cogview_api.addresses import (
@@ -30,10 +31,11 @@ from cogview_api.addresses import (
     parse_allow_list,
 )
 from cogview_api.config import Settings
-from cogview_api.domain import Task
+from cogview_api.domain import Batch, Task
 from cogview_api.errors import CogviewError
 from cogview_api.log_context import task_context
 from cogview_api.metrics import instruments
+from cogview_api.store import batches as batch_store
 from cogview_api.store import tasks as task_store
 from cogview_api.store import webhooks as delivery_store
 from cogview_api.store.db import Database
@@ -52,6 +54,8 @@ MAX_ERROR_CHARS = 300
 # Given by the composition root (server.py: `api.present.webhook_payload`), so the delivery
 # loop does not import the HTTP layer whose task object it sends.
 RenderPayload = Callable[[Task], str]
+# An ended batch and its event -> the JSON payload of its webhook (`api.present_batches`).
+RenderBatchPayload = Callable[[Batch, str], str]
 
 
 def attempt_outcome(status: int | None, error: str | None) -> str:
@@ -68,11 +72,13 @@ class Dispatcher:
         settings: Settings,
         db: Database,
         render: RenderPayload,
+        render_batch: RenderBatchPayload | None = None,
         resolve: Resolver | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.render = render
+        self.render_batch = render_batch
         self.resolve = resolve
         self.allow = parse_allow_list(settings.webhook_allow_hosts)
         self.stop = threading.Event()
@@ -122,7 +128,7 @@ class Dispatcher:
         """Attempt one delivery and record it as soon as it is done, whatever the others do.
         A record that cannot be written leaves the delivery to be claimed again after its
         lease (at least once). Its log lines carry the task's id."""
-        with task_context(delivery.task_id, None):
+        with task_context(delivery.task_id or delivery.batch_id or "-", None):
             self._deliver_in_context(delivery)
 
     def _deliver_in_context(self, delivery: delivery_store.DueDelivery) -> None:
@@ -141,9 +147,9 @@ class Dispatcher:
             log.exception("webhook %s: could not record attempt %d", delivery.id, delivery.number)
             return
         log.info(
-            "webhook %s (task %s) attempt %d: %s -> %s",
+            "webhook %s (%s) attempt %d: %s -> %s",
             delivery.id,
-            delivery.task_id,
+            delivery.task_id or delivery.batch_id,
             delivery.number,
             status if status is not None else error,
             state,
@@ -162,12 +168,20 @@ class Dispatcher:
             out = []
             for delivery in claimed:
                 if delivery.body is None:  # first attempt: fix the payload for all of them
-                    task = task_store.get_task(conn, delivery.task_id)
-                    body = self.render(task)
+                    body = self._render(conn, delivery)
                     delivery_store.fix_body(conn, delivery_id=delivery.id, body=body)
                     delivery = replace(delivery, body=body)
                 out.append(delivery)
             return out
+
+    def _render(self, conn: Connection, delivery: delivery_store.DueDelivery) -> str:
+        if delivery.batch_id is not None:
+            if self.render_batch is None:
+                raise CogviewError("no renderer for batch webhooks was given")
+            batch = batch_store.get_batch(conn, delivery.batch_id)
+            return self.render_batch(batch, delivery.event)
+        assert delivery.task_id is not None
+        return self.render(task_store.get_task(conn, delivery.task_id))
 
     def _attempt(self, delivery: delivery_store.DueDelivery) -> tuple[int | None, str | None]:
         """(status code, None) when the receiver answered, else (None, why not). Never raises:
