@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,14 @@ import httpx
 import pytest
 
 from cogview_api.api.present_batches import batch_webhook_payload
+from cogview_api.engine.echo import NOISE_MARKER, EchoEngine
 from cogview_api.store import keys as key_store
 from cogview_api.store import webhooks as delivery_store
 from tests.conftest import make_settings
 from tests.support import (
     InProcessApi,
     auth,
+    background_worker,
     complete_next_task,
     in_process_api,
     sse_items,
@@ -464,3 +468,58 @@ def test_a_batch_webhook_is_queued_when_it_ends(
             )
         assert body["type"] == "batch.cancelled" and body["data"]["batch_id"] == batch_id
         assert body["data"]["status"] == "CANCELLED" and body["timestamp"]
+
+
+def test_the_archive_of_a_200_image_batch_streams_without_holding_the_batch(
+    api: InProcessApi, tmp_path: Path
+) -> None:
+    """50 lines of 4 images of noise (engine/echo.py: files no encoder can shrink), then the
+    archive downloaded to a file while tracemalloc counts what this process (the server, in a
+    thread here) holds: at most a few images' worth, never the batch's tens of megabytes."""
+    key = api.make_key(credits=1000)
+    requests = [
+        line(i, prompt=f"{NOISE_MARKER} line {i}", n=4, output_format="jpeg") for i in range(50)
+    ]
+    batch_id = data(submit(api, key, requests))["batch_id"]
+    with background_worker(api, engine=EchoEngine(api.settings)):
+        deadline = time.monotonic() + 300
+        while (
+            data(api.client.get(f"/api/v1/batches/{batch_id}", headers=auth(key)))["status"]
+            != "COMPLETED"
+        ):
+            assert time.monotonic() < deadline, "the batch did not finish"
+            time.sleep(0.2)
+    tasks = tasks_of(api, key, batch_id)
+    path = tmp_path / "batch.zip"
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        with (
+            api.client.stream("GET", f"/api/v1/batches/{batch_id}/archive", headers=auth(key)) as r,
+            path.open("wb") as out,
+        ):
+            assert r.status_code == 200
+            for chunk in r.iter_bytes():
+                out.write(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    archive = zipfile.ZipFile(path)
+    names = archive.namelist()
+    images = [n for n in names if n.startswith("images/")]
+    assert len(images) == 200 and names[-1] == "manifest.jsonl"
+    sizes = [archive.getinfo(n).file_size for n in images]
+    total = sum(sizes)
+    assert total > 40 * 2**20  # the batch's images: tens of megabytes
+    held = peak - base
+    assert held < 8 * max(sizes) + 4 * 2**20, (held, max(sizes), total)
+    assert held < total / 4
+    manifest = [json.loads(x) for x in archive.read("manifest.jsonl").decode().splitlines()]
+    assert [m["task_id"] for m in manifest] == [t["task_id"] for t in tasks]
+    assert all(m["status"] == "COMPLETED" and m["error"] is None for m in manifest)
+    for m, t in zip(manifest, tasks, strict=True):
+        assert m["seed"] == t["images"][0]["seed"]
+        assert m["files"] == [f"images/{m['index']:05d}-{k}.jpg" for k in range(4)]
+    assert archive.testzip() is None  # every member's CRC-32 checks
+    first = tasks[0]["images"][0]["url"].removeprefix(api.base_url)
+    assert archive.read("images/00000-0.jpg") == api.client.get(first).content
