@@ -523,3 +523,31 @@ def test_the_archive_of_a_200_image_batch_streams_without_holding_the_batch(
     assert archive.testzip() is None  # every member's CRC-32 checks
     first = tasks[0]["images"][0]["url"].removeprefix(api.base_url)
     assert archive.read("images/00000-0.jpg") == api.client.get(first).content
+
+
+def test_an_interactive_submit_after_a_1000_task_batch_starts_before_its_remaining_tasks(
+    api: InProcessApi,
+) -> None:
+    owner, other = api.make_key(credits=5000), api.make_key(credits=100)
+    batch_id = data(submit(api, owner, [line(i) for i in range(1000)]))["batch_id"]
+    complete_next_task(api)  # the batch alone waits: its first line runs
+    # Submits of both keys after it: not held to the waiting limits by the batch's tasks
+    # (COGVIEW_MAX_WAITING_PER_KEY 100, COGVIEW_MAX_QUEUE 1000), and first in the queue.
+    mine = submit_task(api.client, owner, size="1024*1024")
+    theirs = submit_task(api.client, other, size="1024*1024")
+    positions = [
+        data(api.client.get(f"/api/v1/tasks/{t}", headers=auth(k)))["progress"]["queue_position"]
+        for t, k in ((mine, owner), (theirs, other))
+    ]
+    assert positions == [1, 2]
+    second = tasks_of(api, owner, batch_id, status="in_progress")[0]
+    assert second["batch_index"] == 1 and second["progress"]["queue_position"] == 3
+    complete_next_task(api)
+    complete_next_task(api)
+    for task_id, key in ((mine, owner), (theirs, other)):
+        done = data(api.client.get(f"/api/v1/tasks/{task_id}", headers=auth(key)))
+        assert done["status"] == "COMPLETED"
+    batch = data(api.client.get(f"/api/v1/batches/{batch_id}", headers=auth(owner)))
+    assert batch["counts"] == counts(completed=1, queued=999)
+    complete_next_task(api)  # then the batch goes on, in line order
+    assert [t["batch_index"] for t in tasks_of(api, owner, batch_id, status="completed")] == [0, 1]

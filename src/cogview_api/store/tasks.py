@@ -51,15 +51,23 @@ _TASK_IMAGES = select(images).where(images.c.task_id == bindparam("task_id")).or
 _INSERT_TASK = insert(tasks)
 _WAITING = select(func.coalesce(func.sum(queue_depth.c.waiting), 0))
 _queued = tasks.c.state == TaskState.QUEUED
-# A key's waiting tasks, counted up to the limit (index ix_tasks_key_state_seq: at most that many
-# rows, however many the key has), and how many keys have any.
+# The limits on waiting tasks (COGVIEW_MAX_WAITING_PER_KEY, COGVIEW_MAX_QUEUE) are on interactive
+# tasks: a batch's tasks (class BATCH, bounded by the batch's own size and paid for up front)
+# neither count against them nor make a key's or another key's submits wait or be refused.
+_interactive = and_(_queued, tasks.c.priority == PriorityClass.INTERACTIVE)
+# A key's waiting interactive tasks, counted up to the limit (index
+# ix_tasks_state_priority_key_seq: at most that many rows, however many the key has), how many
+# keys have any, and how many wait in all, counted up to the queue's size.
 _KEY_WAITING = select(func.count()).select_from(
     select(tasks.c.id)
-    .where(tasks.c.key_id == bindparam("key_id"), _queued)
+    .where(tasks.c.key_id == bindparam("key_id"), _interactive)
     .limit(bindparam("limit"))
     .subquery()
 )
-_KEYS_WAITING = select(func.count(func.distinct(tasks.c.key_id))).where(_queued)
+_KEYS_WAITING = select(func.count(func.distinct(tasks.c.key_id))).where(_interactive)
+_INTERACTIVE_WAITING = select(func.count()).select_from(
+    select(tasks.c.id).where(_interactive).limit(bindparam("limit")).subquery()
+)
 
 
 def _share(conn: Connection, max_queue: int, own: int) -> int:
@@ -67,6 +75,11 @@ def _share(conn: Connection, max_queue: int, own: int) -> int:
     only when the queue is full (it reads every waiting task's key)."""
     keys = int(conn.execute(_KEYS_WAITING).scalar_one()) + (0 if own else 1)
     return max(1, max_queue // max(1, keys))
+
+
+def _interactive_waiting(conn: Connection, most: int) -> int:
+    """How many interactive tasks wait, counted up to `most` (an index range)."""
+    return int(conn.execute(_INTERACTIVE_WAITING, {"limit": most}).scalar_one())
 
 
 def waiting_tasks(conn: Connection) -> int:
@@ -202,7 +215,8 @@ def insert_task(
                 limits=(waiting_state(max_waiting_per_key, own),),
             )
     waiting = waiting_tasks(conn)
-    full = waiting >= max_queue
+    # The counter holds every class; only when it says full are the interactive ones counted.
+    full = waiting >= max_queue and _interactive_waiting(conn, max_queue) >= max_queue
     if full and (max_waiting_per_key is None or own >= _share(conn, max_queue, own)):
         raise ServiceUnavailable("The queue is full; try again shortly.", retry_after=10)
     task_id = new_task_id()
