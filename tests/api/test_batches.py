@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import tracemalloc
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from cogview_api import signing
+from cogview_api.api.present import webhook_payload
 from cogview_api.api.present_batches import batch_webhook_payload
 from cogview_api.engine.echo import NOISE_MARKER, EchoEngine
+from cogview_api.services import keys as key_service
 from cogview_api.store import keys as key_store
-from cogview_api.store import webhooks as delivery_store
+from cogview_api.webhooks.dispatcher import Dispatcher
 from tests.conftest import make_settings
 from tests.support import (
     InProcessApi,
@@ -441,33 +446,66 @@ def test_the_archive_holds_what_has_finished_and_a_manifest_of_every_line(
     assert archive.read("images/00000-1.png") == api.client.get(url).content
 
 
-def test_a_batch_webhook_is_queued_when_it_ends(
-    tmp_path: Path, tiny_cache: Path, database_url: str
+class Receiver:
+    """A loopback webhook receiver answering 204, keeping each POST's headers and body."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[dict[str, str], bytes]] = []
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("ending", ["completed", "cancelled"])
+def test_a_batch_posts_its_signed_webhook_once_when_it_ends(
+    tmp_path: Path, tiny_cache: Path, database_url: str, ending: str
 ) -> None:
     settings = make_settings(
         tmp_path, tiny_cache, database_url=database_url, webhook_allow_hosts="127.0.0.1"
     )
-    with in_process_api(settings) as api:
-        key = api.make_key(credits=100)
-        hook = "http://127.0.0.1:9/hook"
-        batch_id = data(submit(api, key, [line(0), line(1)], callback_url=hook))["batch_id"]
-        assert (
-            data(api.client.get(f"/api/v1/batches/{batch_id}", headers=auth(key)))["callback_url"]
-            == hook
-        )
-        api.client.post(f"/api/v1/batches/{batch_id}/cancel", headers=auth(key))
-        with api.db.write() as conn:
-            (due,) = delivery_store.claim_due(conn, limit=10, lease_seconds=60)
-        assert due.batch_id == batch_id and due.task_id is None and due.url == hook
-        assert due.event == "batch.cancelled"
-        with api.db.read() as conn:
-            from cogview_api.store import batches as batch_store
-
-            body = json.loads(
-                batch_webhook_payload()(batch_store.get_batch(conn, batch_id), due.event)
+    receiver = Receiver()
+    try:
+        with in_process_api(settings) as api:
+            made, key = key_service.create_key(api.db, name="hooks", credits=100)
+            hook = receiver.url
+            batch_id = data(submit(api, key, [line(0), line(1)], callback_url=hook))["batch_id"]
+            dispatcher = Dispatcher(
+                settings=settings,
+                db=api.db,
+                render=webhook_payload(settings),
+                render_batch=batch_webhook_payload(),
             )
-        assert body["type"] == "batch.cancelled" and body["data"]["batch_id"] == batch_id
-        assert body["data"]["status"] == "CANCELLED" and body["timestamp"]
+            assert dispatcher.run_once() == 0  # nothing until the batch ends
+            complete_next_task(api)
+            if ending == "cancelled":
+                api.client.post(f"/api/v1/batches/{batch_id}/cancel", headers=auth(key))
+            else:
+                complete_next_task(api)
+            assert dispatcher.run_once() == 1
+            assert dispatcher.run_once() == 0  # delivered: never sent again
+            final = data(api.client.get(f"/api/v1/batches/{batch_id}", headers=auth(key)))
+            secret = key_service.webhook_secret(api.db, made.id)
+    finally:
+        receiver.httpd.shutdown()
+        receiver.httpd.server_close()
+    ((headers, body),) = receiver.posts
+    payload = json.loads(body)
+    assert payload["type"] == f"batch.{ending}" and payload["timestamp"]
+    assert payload["data"] == final and final["status"] == ending.upper()
+    expected = signing.sign(secret, headers["webhook-id"], int(headers["webhook-timestamp"]), body)
+    assert headers["webhook-signature"] == expected
 
 
 def test_the_archive_of_a_200_image_batch_streams_without_holding_the_batch(
