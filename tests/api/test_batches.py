@@ -589,3 +589,27 @@ def test_an_interactive_submit_after_a_1000_task_batch_starts_before_its_remaini
     assert batch["counts"] == counts(completed=1, queued=999)
     complete_next_task(api)  # then the batch goes on, in line order
     assert [t["batch_index"] for t in tasks_of(api, owner, batch_id, status="completed")] == [0, 1]
+
+
+def test_openapi_shows_every_batch_route_with_examples(api: InProcessApi) -> None:
+    paths = api.client.get("/openapi.json").json()["paths"]
+    routes = {
+        ("post", "/api/v1/batches"),
+        ("get", "/api/v1/batches"),
+        ("get", "/api/v1/batches/{batch_id}"),
+        ("get", "/api/v1/batches/{batch_id}/tasks"),
+        ("post", "/api/v1/batches/{batch_id}/cancel"),
+        ("get", "/api/v1/batches/{batch_id}/events"),
+        ("get", "/api/v1/batches/{batch_id}/archive"),
+    }
+    for method, path in routes:
+        op = paths[path][method]
+        assert op["summary"] and "500" in op["responses"], (method, path)
+        if path.endswith("/archive"):
+            continue
+        (media,) = op["responses"]["200"]["content"].values()
+        assert "example" in media or "examples" in media, (method, path)
+    body = paths["/api/v1/batches"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "application/jsonl"}
+    assert "$ref" not in json.dumps(body["application/json"]["schema"])  # self-contained
+    assert body["application/json"]["examples"]

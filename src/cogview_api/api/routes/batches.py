@@ -45,6 +45,25 @@ class BatchErrorBody(BaseModel):
     error: BatchErrorDetail
 
 
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its `$defs` put in place of each `$ref` to them: in /openapi.json a
+    `#/$defs/...` reference would point at the document's root, where there is no `$defs`."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    out: dict[str, Any] = walk(schema)
+    return out
+
+
 def _refused_batch() -> dict[int | str, dict[str, Any]]:
     return {
         400: {
@@ -89,7 +108,12 @@ def _refused_batch() -> dict[int | str, dict[str, Any]]:
         "requestBody": {
             "required": True,
             "content": {
-                **json_request_body(BatchCreate, examples.BATCH_REQUESTS)["content"],
+                "application/json": {
+                    **json_request_body(BatchCreate, examples.BATCH_REQUESTS)["content"][
+                        "application/json"
+                    ],
+                    "schema": inline_refs(BatchCreate.model_json_schema()),
+                },
                 "application/jsonl": {
                     "schema": {
                         "type": "string",
