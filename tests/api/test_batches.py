@@ -613,3 +613,27 @@ def test_openapi_shows_every_batch_route_with_examples(api: InProcessApi) -> Non
     assert set(body) == {"application/json", "application/jsonl"}
     assert "$ref" not in json.dumps(body["application/json"]["schema"])  # self-contained
     assert body["application/json"]["examples"]
+
+
+def test_batch_streams_share_the_keys_stream_cap_with_task_streams(
+    tmp_path: Path, tiny_cache: Path, database_url: str
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        tiny_cache,
+        database_url=database_url,
+        max_streams_per_key=1,
+        sse_keepalive_seconds=0.3,  # a client that left is noticed at the next write
+    )
+    with in_process_api(settings) as api:
+        key = api.make_key(credits=100)
+        batch_id = data(submit(api, key, [line(0)]))["batch_id"]
+        task_id = submit_task(api.client, key)
+        with api.client.stream("GET", f"/api/v1/tasks/{task_id}/events", headers=auth(key)) as r:
+            assert r.status_code == 200
+            refused = api.client.get(f"/api/v1/batches/{batch_id}/events", headers=auth(key))
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+        with api.client.stream("GET", f"/api/v1/batches/{batch_id}/events", headers=auth(key)) as r:
+            assert r.status_code == 200
+            assert next(sse_items(r))[0] == "batch"
