@@ -143,6 +143,12 @@ def test_a_jsonl_upload_is_a_batch_with_blank_lines_ignored(api: InProcessApi) -
         assert batch["total"] == 2 and batch["metadata"] is None
         prompts = [t["request"]["prompt"] for t in tasks_of(api, key, batch["batch_id"])]
         assert prompts == ["prompt 0", "prompt 1"]
+    plain = api.client.post(
+        "/api/v1/batches",
+        content=body.encode(),
+        headers={**auth(key), "Content-Type": "text/plain"},
+    )
+    assert plain.status_code == 400 and "application/jsonl" in plain.json()["error"]["message"]
     bad = api.client.post(
         "/api/v1/batches?metadata=x",
         content=body.encode(),

@@ -35,8 +35,13 @@ def read_batch(request: Request, raw: bytes, settings: Settings) -> BatchRequest
         items, fields = _jsonl(raw), _query_fields(request)
         hashed: dict[str, Any] = {"jsonl": [item for item, _ in items], **fields}
         lines = items
+    elif content_type != "application/json":
+        raise InvalidRequest(
+            "Content-Type must be application/json, or application/jsonl (also "
+            "application/x-ndjson) for one request per line."
+        )
     else:
-        data = parse_json_object(request, raw)  # also the Content-Type's message
+        data = parse_json_object(request, raw)
         requests = data.pop("requests", None)
         if requests is None:
             raise InvalidRequest("Field 'requests' is required.", param="requests")
