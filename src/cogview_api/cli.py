@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cogview_api import __version__
+from cogview_api.client import commands as user_commands
 from cogview_api.config import Settings
 from cogview_api.errors import CogviewError, EngineLoadError, StartError
 from cogview_api.services import keys as key_service
@@ -96,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("key_id")
     grant.add_argument("amount", type=int)
     grant.add_argument("--note")
+    # The users' commands, which talk to a server over HTTP (client/commands.py).
+    user_commands.add_parsers(sub)
     return p
 
 
@@ -220,8 +223,14 @@ def _command_parser(
     return parser
 
 
+# Commands of the server's users: no settings, no database, only a server's address and a key.
+USER_COMMANDS = frozenset({"generate", "batch"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command in USER_COMMANDS:
+        return user_commands.run(args)
     try:
         settings = _settings(args)
     except ValidationError as exc:
