@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,3 +266,32 @@ def test_async_client(server: ServerProcess, tmp_path: Path) -> None:
                 await client.submit("x", quality="ultra")
 
     asyncio.run(scenario())
+
+
+DOCS = Path(__file__).parents[2] / "docs" / "client.md"
+
+
+def examples() -> list[str]:
+    blocks = DOCS.read_text().split("```python\n")[1:]
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+@pytest.mark.parametrize("number", range(len(examples())))
+def test_the_documented_examples_run(server: ServerProcess, tmp_path: Path, number: int) -> None:
+    """docs/client.md's examples, each as its own program, with the two variables they read."""
+    code = examples()[number]
+    key = new_key(server)["key"]
+    if "batch" in code:
+        r = httpx.get(server.base_url + "/api/v1/batches", headers=auth(key))
+        if r.status_code == 404:
+            pytest.skip("the server has no batches API (/api/v1/batches answers 404)")
+    env = {**server.env, "COGVIEW_SERVER": server.base_url, "COGVIEW_API_KEY": key}
+    ran = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
