@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cogview_api.client import (
     BadRequest,
     Client,
     Conflict,
+    GenerationRequest,
     InsufficientCredits,
     NotFound,
     TaskFailed,
@@ -266,6 +268,66 @@ def test_async_client(server: ServerProcess, tmp_path: Path) -> None:
                 await client.submit("x", quality="ultra")
 
     asyncio.run(scenario())
+
+
+def require_batches(server: ServerProcess, key: str) -> None:
+    r = httpx.get(server.base_url + "/api/v1/batches", headers=auth(key))
+    if r.status_code == 404:
+        pytest.skip("the server has no batches API (/api/v1/batches answers 404)")
+
+
+def test_batches(server: ServerProcess, tmp_path: Path) -> None:
+    key = new_key(server)["key"]
+    require_batches(server, key)
+    with Client(server.base_url, key) as client:
+        requests: list[Any] = [
+            GenerationRequest(prompt="one", **SMALL),
+            {"model": "cogview-4", "prompt": "two", "n": 2, **SMALL},
+            "three",
+        ]
+        batch = client.create_batch(requests, metadata={"run": "t"}, idempotency_key="b-1")
+        assert batch.status == "IN_PROGRESS" and batch.total == 3 and not batch.replayed
+        assert batch.credits.charged == 4 * PRICE and batch.metadata == {"run": "t"}
+        assert client.create_batch(requests, metadata={"run": "t"}, idempotency_key="b-1").replayed
+        states = list(client.watch_batch(batch.batch_id, timeout=120))
+        assert states[-1].done and states[-1].status == "COMPLETED"
+        assert states[-1].counts.completed == 3 and states[-1].images.done == 4
+        tasks = list(client.iter_batch_tasks(batch.batch_id))
+        assert [(t.batch_index, t.batch_id, len(t.images)) for t in tasks] == [
+            (0, batch.batch_id, 1),
+            (1, batch.batch_id, 2),
+            (2, batch.batch_id, 1),
+        ]
+        assert [b.batch_id for b in client.iter_batches()] == [batch.batch_id]
+        assert client.get_batch(batch.batch_id).status == "COMPLETED"
+        archive = client.download_archive(batch.batch_id, tmp_path / "b.zip")
+        with zipfile.ZipFile(archive) as z:
+            assert sorted(z.namelist()) == [
+                "images/00000-0.png",
+                "images/00001-0.png",
+                "images/00001-1.png",
+                "images/00002-0.png",
+                "manifest.jsonl",
+            ]
+        with pytest.raises(Conflict):
+            client.cancel_batch(batch.batch_id)
+        with pytest.raises(BadRequest) as refused:
+            client.create_batch(["fine", {"model": "cogview-4", "prompt": "x", "size": "1*1"}])
+        assert [(e["index"], e["param"]) for e in refused.value.errors] == [(1, "size")]
+        assert client.account().balance == 100 - 4 * PRICE
+
+    async def cancel_one() -> None:
+        async with AsyncClient(server.base_url, key) as client:
+            big = [GenerationRequest(prompt=f"p{i}", size="1024*1024") for i in range(5)]
+            made = await client.create_batch(big)
+            cancelled = await client.cancel_batch(made.batch_id)
+            assert cancelled.status == "CANCELLED"
+            final = await client.wait_batch(made.batch_id, timeout=60)
+            assert final.credits.charged - final.credits.refunded == (final.images.done * PRICE)
+            listed = [t.status async for t in client.iter_batch_tasks(made.batch_id)]
+            assert len(listed) == 5 and "CANCELLED" in listed
+
+    asyncio.run(cancel_one())
 
 
 DOCS = Path(__file__).parents[2] / "docs" / "client.md"

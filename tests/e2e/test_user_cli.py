@@ -215,3 +215,18 @@ def test_batch_resumes_after_a_crash_without_paying_twice(
     other = write_csv(tmp_path / "other.csv", count=3)
     mixed = run(server, key, tmp_path, "batch", str(other), "-o", "out", "--yes")
     assert mixed.returncode == 2 and "another batch" in mixed.stderr
+
+
+def test_a_refused_batch_names_its_bad_lines(server: ServerProcess, tmp_path: Path) -> None:
+    key = server.make_key(credits=100)["key"]
+    require_batches(server, key)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,size\na cat,512*512\na dog,500*500\n")
+    refused = run(server, key, tmp_path, "batch", str(bad), "-o", "out", "--yes")
+    assert refused.returncode == 2
+    assert "bad.csv line 3 (size)" in refused.stderr and "nothing was charged" in refused.stderr
+    assert balance(server, key) == 100
+    # The folder is not tied to the refused batch: the corrected file goes into it.
+    bad.write_text("prompt,size\na cat,512*512\na dog,512*512\n")
+    dry = run(server, key, tmp_path, "batch", str(bad), "-o", "out", "--dry-run")
+    assert dry.returncode == 0, dry.stderr

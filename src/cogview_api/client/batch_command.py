@@ -29,7 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from cogview_api.client._errors import BadRequest, NotFound
+from cogview_api.client._errors import APIError, BadRequest, NotFound
 from cogview_api.client._models import Batch, Task
 from cogview_api.client._sync import Client
 from cogview_api.client.commands import (
@@ -214,8 +214,9 @@ def run(args: argparse.Namespace, err: Console) -> int:
     state = State.load(folder)
     if state is not None and state.requests != requests:
         raise UsageError(
-            f"{folder} holds the images of another batch ({state.batch_id}), made from other"
-            f" prompts; use another -o folder, or delete {folder / STATE_FILE} to start anew there"
+            f"{folder} belongs to another batch{f' ({state.batch_id})' if state.batch_id else ''},"
+            f" of other prompts; use another -o folder, or delete {folder / STATE_FILE} to start"
+            " anew there"
         )
     with client_for(args) as client:
         if state is None or state.batch_id is None:
@@ -271,8 +272,13 @@ def _submit(
         state.save(client.base_url)
     try:
         batch = client.create_batch([line.body for line in lines], idempotency_key=state.key)
-    except BadRequest as exc:
-        raise UsageError(_bad_lines(exc, lines)) from None
+    except APIError as exc:
+        if exc.status < 500:
+            # Refused: nothing was written, so the folder is free again for a corrected input.
+            state.path.unlink(missing_ok=True)
+        if isinstance(exc, BadRequest):
+            raise UsageError(_bad_lines(exc, lines)) from None
+        raise
     state.batch_id = batch.batch_id
     state.save(client.base_url)
     if batch.replayed:
