@@ -103,6 +103,26 @@ def test_generate_saves_each_image(server: ServerProcess, tmp_path: Path) -> Non
     assert balance(server, key) == 100 - 3 * PRICE
 
 
+def test_ctrl_c_while_generating_cancels_and_refunds(server: ServerProcess, tmp_path: Path) -> None:
+    key = server.make_key(credits=100)["key"]
+    waiting = subprocess.Popen(
+        [*CLI, "generate", "a large slow one", "--size", "1024*1024", "-o", "big.png"],
+        cwd=tmp_path,
+        env=user_env(server, key),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert waiting.stderr is not None
+    submitted = waiting.stderr.readline()
+    assert submitted.startswith("Submitted task"), submitted
+    waiting.send_signal(signal.SIGINT)
+    rest = waiting.stderr.read()
+    waiting.stderr.close()
+    assert waiting.wait(timeout=60) == 130
+    assert f"its {PRICE} credits were refunded" in rest
+    assert balance(server, key) == 100 and not (tmp_path / "big.png").exists()
+
+
 def write_csv(path: Path, count: int = PROMPTS) -> Path:
     rows = ["prompt,size,quality"] + [
         f'"a lighthouse, variant {i}",512*512,standard' for i in range(count)

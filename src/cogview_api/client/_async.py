@@ -81,6 +81,7 @@ class AsyncClient:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         safe: bool = True,
+        timeout: float | None = None,
     ) -> httpx.Response:
         """One API call with the retry rule; an error answer is raised as its APIError."""
         attempt = 0
@@ -92,6 +93,7 @@ class AsyncClient:
                     json=json,
                     params=params,
                     headers={**self._headers, **(headers or {})},
+                    timeout=self._http.timeout if timeout is None else timeout,
                 )
             except httpx.TransportError as exc:
                 wait = (
@@ -245,7 +247,12 @@ class AsyncClient:
         body = base.batch_body(requests, callback_url, metadata)
         key = idempotency_key or base.new_idempotency_key()
         response = await self._request(
-            "POST", "/api/v1/batches", json=body, headers={"Idempotency-Key": key}
+            "POST",
+            "/api/v1/batches",
+            json=body,
+            headers={"Idempotency-Key": key},
+            # Up to 10,000 tasks written in one transaction: give it longer than a submit.
+            timeout=max(base.BATCH_TIMEOUT, self._http.timeout.read or 0),
         )
         return Batch.model_validate({**base.data_of(response), "replayed": base.replayed(response)})
 

@@ -32,6 +32,8 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REFUSED_STATUSES = frozenset({429, 503})
 # An event stream's read timeout: the server sends a keep-alive comment every 15 s by default.
 STREAM_READ_TIMEOUT = 60.0
+# A batch submit writes up to 10,000 tasks in one transaction: it may take longer than a submit.
+BATCH_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)

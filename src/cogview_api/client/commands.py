@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cogview_api.client import _base as base
-from cogview_api.client._errors import CogviewError, InsufficientCredits
+from cogview_api.client._errors import CogviewError, Conflict, InsufficientCredits
 from cogview_api.client._models import Task
 from cogview_api.client._sync import Client
 
@@ -117,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     except CogviewError as exc:
         err.print(f"cogview-api {args.command}: {exc}", markup=False)
         return 1
+    except KeyboardInterrupt:  # before anything was submitted (the commands handle it after)
+        err.print(f"cogview-api {args.command}: stopped.", markup=False)
+        return 130
 
 
 def generate(args: argparse.Namespace, err: Console) -> int:
@@ -133,14 +136,19 @@ def generate(args: argparse.Namespace, err: Console) -> int:
             output_format=fmt,
             negative_prompt=args.negative_prompt,
         )
-        err.print(
-            f"Submitted task {submitted.task_id} ({submitted.credits_charged} credits)",
-            markup=False,
-        )
         try:
+            err.print(
+                f"Submitted task {submitted.task_id} ({submitted.credits_charged} credits)",
+                markup=False,
+            )
             task = _follow(client, submitted.task_id, args.timeout, err)
         except KeyboardInterrupt:
-            cancelled = client.cancel(submitted.task_id)
+            try:
+                cancelled = client.cancel(submitted.task_id)
+            except Conflict:  # it ended meanwhile
+                ended = client.get(submitted.task_id)
+                err.print(f"Task {ended.task_id} had already ended {ended.status}.", markup=False)
+                return 130
             err.print(
                 f"Cancelled task {cancelled.task_id}; its {cancelled.credits.refunded} credits"
                 " were refunded.",
