@@ -278,6 +278,11 @@ def _submit(
             state.path.unlink(missing_ok=True)
         if isinstance(exc, BadRequest):
             raise UsageError(_bad_lines(exc, lines)) from None
+        if isinstance(exc, NotFound):
+            raise UsageError(
+                f"the server at {client.base_url} has no batches API (POST /api/v1/batches"
+                " answered 404): it runs an older cogview-api"
+            ) from None
         raise
     state.batch_id = batch.batch_id
     state.save(client.base_url)
@@ -399,13 +404,11 @@ def _follow(client: Client, batch: Batch, lines: list[Line], folder: Path, err: 
             seen = -1
             for current in client.watch_batch(batch.batch_id):
                 batch, counts = current, current.counts
-                bar.update(
-                    line,
-                    completed=counts.ended,
-                    counts=f"{counts.completed} done, {counts.failed} failed,"
-                    f" {counts.running} running, {counts.queued} queued",
-                )
+                bar.update(line, completed=counts.ended, counts=bar_counts(batch))
                 if counts.ended != seen or batch.done:
+                    if not err.is_terminal and _decile(counts.ended, batch) > _decile(seen, batch):
+                        # No live bar without a terminal (a log, CI): a line every tenth.
+                        err.print(f"{counts.ended}/{batch.total} ended: {bar_counts(batch)}")
                     seen = counts.ended
                     collector.scan(client)
         collector.scan(client)
@@ -424,6 +427,15 @@ def _follow(client: Client, batch: Batch, lines: list[Line], folder: Path, err: 
             f" delete {folder / STATE_FILE} to submit anew"
         ) from None
     return _summary(collector, batch, lines, folder, err)
+
+
+def bar_counts(batch: Batch) -> str:
+    c = batch.counts
+    return f"{c.completed} done, {c.failed} failed, {c.running} running, {c.queued} queued"
+
+
+def _decile(ended: int, batch: Batch) -> int:
+    return -1 if ended < 0 else ended * 10 // max(batch.total, 1)
 
 
 def _summary(
