@@ -400,7 +400,7 @@ def _follow(client: Client, batch: Batch, lines: list[Line], folder: Path, err: 
     )
     try:
         with Progress(*columns, console=err) as bar:
-            line = bar.add_task("images", total=batch.total, counts="")
+            line = bar.add_task("prompts", total=batch.total, counts="")
             seen = -1
             for current in client.watch_batch(batch.batch_id):
                 batch, counts = current, current.counts
