@@ -98,6 +98,8 @@ def test_generate_saves_each_image(server: ServerProcess, tmp_path: Path) -> Non
     assert clash.returncode == 2 and "does not match" in clash.stderr
     bad = run(server, key, tmp_path, "generate", "a fox", "--size", "500*500")
     assert bad.returncode == 1 and "size" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = run(server, "cv4_unknown", tmp_path, "generate", "a fox")
+    assert wrong.returncode == 1 and "does not know the key in COGVIEW_API_KEY" in wrong.stderr
     no_key = run(server, None, tmp_path, "generate", "a fox")
     assert no_key.returncode == 2 and "COGVIEW_API_KEY" in no_key.stderr
     assert balance(server, key) == 100 - 3 * PRICE

@@ -37,6 +37,7 @@ from cogview_api.client.commands import (
     _request_flags,
     _server_flag,
     client_for,
+    plural,
 )
 
 STATE_FILE = ".cogview-batch.json"
@@ -251,7 +252,7 @@ def _submit(
         raise UsageError(f"unknown quality {exc.args[0]!r}: hd or standard") from None
     balance = client.account().balance
     err.print(
-        f"{len(lines)} prompts, {images} images: {cost} credits."
+        f"{plural(len(lines), 'prompt')}, {plural(images, 'image')}: {cost} credits."
         f" Your balance: {balance} credits ({balance - cost} after).",
         markup=False,
     )

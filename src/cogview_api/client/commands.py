@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cogview_api.client import _base as base
-from cogview_api.client._errors import CogviewError, Conflict, InsufficientCredits
+from cogview_api.client._errors import APIError, AuthenticationError, CogviewError, Conflict
 from cogview_api.client._models import Task
 from cogview_api.client._sync import Client
 
@@ -21,6 +21,10 @@ NO_KEY = (
     f"no API key: set {base.API_KEY_ENV}=cv4_... (the server's operator makes one with"
     " `cogview-api keys create --name NAME --credits 100`)"
 )
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class UsageError(Exception):
@@ -111,8 +115,18 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         err.print(f"cogview-api {args.command}: {exc}", markup=False)
         return 2
-    except InsufficientCredits as exc:
-        err.print(f"cogview-api {args.command}: not enough credits: {exc.message}", markup=False)
+    except AuthenticationError:
+        err.print(
+            f"cogview-api {args.command}: the server at {args.server or base.default_server(None)}"
+            f" does not know the key in {base.API_KEY_ENV} (check the key, and the server's"
+            " address)",
+            markup=False,
+        )
+        return 1
+    except APIError as exc:
+        # The server's own sentence; the status only where it is the server's fault.
+        shown = f"{exc.status} {exc.message}" if exc.status >= 500 else exc.message
+        err.print(f"cogview-api {args.command}: {shown}", markup=False)
         return 1
     except CogviewError as exc:
         err.print(f"cogview-api {args.command}: {exc}", markup=False)
