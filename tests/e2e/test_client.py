@@ -28,6 +28,8 @@ from cogview_api.client import (
     GenerationRequest,
     InsufficientCredits,
     NotFound,
+    Submitted,
+    Task,
     TaskFailed,
 )
 from cogview_api.client import ConnectionError as ClientConnectionError
@@ -133,9 +135,20 @@ def test_wait_times_out_and_the_task_goes_on(server: ServerProcess) -> None:
         assert client.wait(submitted.task_id, timeout=60).ok
 
 
+async def wait_async(base_url: str, key: str, http: httpx.AsyncClient) -> Task:
+    async with http, AsyncClient(base_url, key, poll_interval=0.1, http_client=http) as client:
+        submitted = await client.submit("polled", size="512*512", quality="hd")
+        return await client.wait(submitted.task_id, timeout=60)
+
+
 def test_wait_falls_back_to_polling_when_the_stream_fails(server: ServerProcess) -> None:
     key = new_key(server)["key"]
     proxy = Proxy(server.port, refuse_streams=True)
+    limits = httpx.Limits(max_keepalive_connections=0)
+    task = asyncio.run(
+        wait_async(f"http://127.0.0.1:{proxy.port}", key, httpx.AsyncClient(limits=limits))
+    )
+    assert task.ok and proxy.refused == 1
     # One connection per request, so the proxy sees each request's path.
     http = httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
     try:
@@ -222,12 +235,22 @@ class Proxy:
         self.listener.close()
 
 
-def test_a_retry_after_a_lost_answer_never_pays_twice(server: ServerProcess) -> None:
+async def submit_async(base_url: str, key: str) -> Submitted:
+    async with AsyncClient(base_url, key) as client:
+        return await client.submit("paid once", **SMALL)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_retry_after_a_lost_answer_never_pays_twice(server: ServerProcess, flavour: str) -> None:
     key = new_key(server)["key"]
     proxy = Proxy(server.port, drop_first=True)
     try:
-        with Client(f"http://127.0.0.1:{proxy.port}", key) as client:
-            submitted = client.submit("paid once", **SMALL)
+        url = f"http://127.0.0.1:{proxy.port}"
+        if flavour == "async":
+            submitted = asyncio.run(submit_async(url, key))
+        else:
+            with Client(url, key) as client:
+                submitted = client.submit("paid once", **SMALL)
         assert proxy.dropped.is_set() and proxy.connections == 2
         # The retry carried the first attempt's Idempotency-Key: the server answered it with the
         # task the lost answer was about.
