@@ -225,7 +225,14 @@ def run(args: argparse.Namespace, err: Console) -> int:
             if batch is None:
                 return 0
         else:
-            batch = client.get_batch(state.batch_id)
+            try:
+                batch = client.get_batch(state.batch_id)
+            except NotFound:
+                raise UsageError(
+                    f"the server at {client.base_url} does not know batch {state.batch_id} of"
+                    f" {folder} (another server, or another key?); delete {folder / STATE_FILE}"
+                    " to submit these prompts anew"
+                ) from None
             err.print(
                 f"Resuming batch {batch.batch_id} ({batch.counts.ended} of {batch.total} done);"
                 " nothing is charged again.",
@@ -379,7 +386,7 @@ class Collector:
                     "status": task.status,
                     "prompt": task.request.prompt,
                     "size": task.request.size,
-                    "seed": task.images[0].seed if task.images else task.request.seed,
+                    "seed": task.images[0].seed if task.images else None,
                     "files": self.files(task),
                     "error": task.error.model_dump() if task.error else None,
                     "line": lines[index].where if 0 <= index < len(lines) else None,
@@ -422,11 +429,6 @@ def _follow(client: Client, batch: Batch, lines: list[Line], folder: Path, err: 
             markup=False,
         )
         return 130
-    except NotFound:
-        raise UsageError(
-            f"the server does not know batch {batch.batch_id} (another server or key?);"
-            f" delete {folder / STATE_FILE} to submit anew"
-        ) from None
     return _summary(collector, batch, lines, folder, err)
 
 
