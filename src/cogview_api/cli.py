@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -16,10 +16,13 @@ from cogview_api import __version__
 from cogview_api.client import commands as user_commands
 from cogview_api.config import Settings
 from cogview_api.errors import CogviewError, EngineLoadError, StartError
-from cogview_api.services import keys as key_service
-from cogview_api.services import limits as limit_service
-from cogview_api.services.limits import KeyLimits
-from cogview_api.store.db import Database, describe_database
+
+# The operator's commands import the services and the database where they use them, so the
+# users' commands (generate, batch), which need neither, start without SQLAlchemy and Alembic
+# (about a second less on a small machine).
+if TYPE_CHECKING:
+    from cogview_api.services.limits import KeyLimits
+    from cogview_api.store.db import Database
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +119,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _db(settings: Settings) -> Database:
+    from cogview_api.store.db import Database
+
     db = Database(settings.database_url)
     db.migrate()
     return db
@@ -141,6 +146,8 @@ def _key_dict(key: Any) -> dict[str, Any]:
 
 
 def _key_limits(args: argparse.Namespace, settings: Settings, db: Database) -> KeyLimits:
+    from cogview_api.services import limits as limit_service
+
     values = (args.rate, args.burst, args.max_waiting, args.max_streams, args.max_waits)
     if args.reset or any(v is not None for v in values):
         return limit_service.set_key_limits(
@@ -164,6 +171,8 @@ FOLLOW_CAPS = frozenset({"max_streams", "max_waits"})
 def _follow_limits(args: argparse.Namespace, settings: Settings, db: Database) -> KeyLimits:
     """`keys follow-limits`, the older command for the two caps: `--reset` drops only those
     (and may come with a new value for one of them, the other then back to the settings')."""
+    from cogview_api.services import limits as limit_service
+
     given = {
         name
         for name, value in (("max_streams", args.max_streams), ("max_waits", args.max_waits))
@@ -280,6 +289,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
             pass
         return 0
+    from cogview_api.services import keys as key_service
+    from cogview_api.store.db import describe_database
+
     db = _db(settings)
     # On stderr, so --json output stays one JSON document: which database this command used
     # (two databases by accident are the first surprise a new operator meets).
