@@ -179,20 +179,11 @@ def check_folder(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def test_batch_makes_every_image_and_the_manifest(server: ServerProcess, tmp_path: Path) -> None:
-    key = server.make_key(credits=100)["key"]
-    require_batches(server, key)
-    prompts = write_csv(tmp_path / "prompts.csv")
-    done = run(server, key, tmp_path, "batch", str(prompts), "-o", "out", "--yes")
-    assert done.returncode == 0, done.stderr
-    assert f"Done: {PROMPTS} images" in done.stderr
-    check_folder(tmp_path / "out")
-    assert balance(server, key) == 100 - PROMPTS * PRICE
-
-
 def test_batch_resumes_after_a_crash_without_paying_twice(
     server: ServerProcess, tmp_path: Path
 ) -> None:
+    """A 12-line CSV: killed once its batch is submitted and the first image saved, then run
+    again: the same batch, 12 images and the manifest, charged once."""
     key = server.make_key(credits=100)["key"]
     require_batches(server, key)
     prompts = write_csv(tmp_path / "prompts.csv")
@@ -220,6 +211,7 @@ def test_batch_resumes_after_a_crash_without_paying_twice(
     again = run(server, key, tmp_path, "batch", str(prompts), "-o", "out", "--yes")
     assert again.returncode == 0, again.stderr
     assert f"Resuming batch {batch_id}" in again.stderr
+    assert f"Done: {PROMPTS} images from {PROMPTS} prompts" in again.stderr
     check_folder(folder)
     assert balance(server, key) == 100 - PROMPTS * PRICE
 
