@@ -184,7 +184,9 @@ def test_batch_resumes_after_a_crash_without_paying_twice(
 ) -> None:
     """A 12-line CSV: killed once its batch is submitted and the first image saved, then run
     again: the same batch, 12 images and the manifest, charged once."""
-    key = server.make_key(credits=100)["key"]
+    # Less than two batches' worth: the replay below must not be refused for the balance.
+    credits = PROMPTS * PRICE + 12
+    key = server.make_key(credits=credits)["key"]
     require_batches(server, key)
     prompts = write_csv(tmp_path / "prompts.csv")
     folder = tmp_path / "out"
@@ -206,14 +208,14 @@ def test_batch_resumes_after_a_crash_without_paying_twice(
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     batch_id = json.loads(state.read_text())["batch_id"]
-    assert balance(server, key) == 100 - PROMPTS * PRICE
+    assert balance(server, key) == credits - PROMPTS * PRICE
 
     again = run(server, key, tmp_path, "batch", str(prompts), "-o", "out", "--yes")
     assert again.returncode == 0, again.stderr
     assert f"Resuming batch {batch_id}" in again.stderr
     assert f"Done: {PROMPTS} images from {PROMPTS} prompts" in again.stderr
     check_folder(folder)
-    assert balance(server, key) == 100 - PROMPTS * PRICE
+    assert balance(server, key) == credits - PROMPTS * PRICE
 
     # A crash between the submit and the state file's write: the Idempotency-Key, derived from
     # the prompts and the folder, gets the same batch back, charged once.
@@ -222,7 +224,7 @@ def test_batch_resumes_after_a_crash_without_paying_twice(
     assert replay.returncode == 0, replay.stderr
     assert f"already had this batch ({batch_id})" in replay.stderr
     assert json.loads(state.read_text())["batch_id"] == batch_id
-    assert balance(server, key) == 100 - PROMPTS * PRICE
+    assert balance(server, key) == credits - PROMPTS * PRICE
     assert sum(-e["amount"] for e in reserves(server, key)) == PROMPTS * PRICE
 
     # Other prompts into the same folder are refused, not mixed in.

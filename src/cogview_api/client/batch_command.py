@@ -29,7 +29,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from cogview_api.client._errors import APIError, BadRequest, NotFound
+from cogview_api.client._errors import APIError, BadRequest, InsufficientCredits, NotFound
 from cogview_api.client._models import Batch, Task
 from cogview_api.client._sync import Client
 from cogview_api.client.commands import (
@@ -266,10 +266,11 @@ def _submit(
     if args.dry_run:
         err.print("Dry run: nothing was submitted and nothing was charged.", markup=False)
         return None
-    if cost > balance:
-        raise UsageError(f"not enough credits: this batch needs {cost}, the key has {balance}")
+    # Above the balance, the server refuses it (402, nothing charged) unless it already has this
+    # batch (a crash before its id was saved): so it is sent without asking, and the server says.
+    short = cost > balance
     resumed = state is not None  # a run that saved its key but not the batch id: confirmed then
-    if not (args.yes or resumed) and not _confirm(
+    if not (args.yes or resumed or short) and not _confirm(
         f"Submit {len(lines)} prompts for {cost} credits?"
     ):
         err.print("Nothing submitted.", markup=False)
@@ -286,6 +287,10 @@ def _submit(
             state.path.unlink(missing_ok=True)
         if isinstance(exc, BadRequest):
             raise UsageError(_bad_lines(exc, lines)) from None
+        if isinstance(exc, InsufficientCredits):
+            raise UsageError(
+                f"not enough credits: this batch needs {cost}, the key has {balance}"
+            ) from None
         if isinstance(exc, NotFound):
             raise UsageError(
                 f"the server at {client.base_url} has no batches API (POST /api/v1/batches"
