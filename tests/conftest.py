@@ -109,6 +109,7 @@ def make_settings(tmp_path: Path, cache: Path, **overrides: object) -> Settings:
         "model": "tiny",
         "steps_hd": int(TEST_ENV["COGVIEW_STEPS_HD"]),
         "steps_standard": int(TEST_ENV["COGVIEW_STEPS_STANDARD"]),
+        "steps_low": int(TEST_ENV["COGVIEW_STEPS_LOW"]),
         "poll_interval": 0.1,
         "workers": 0,
     }

@@ -39,6 +39,7 @@ from cogview_api.worker.loop import Worker
 TEST_ENV = {
     "COGVIEW_STEPS_HD": "2",
     "COGVIEW_STEPS_STANDARD": "1",
+    "COGVIEW_STEPS_LOW": "1",
     "COGVIEW_POLL_INTERVAL": "0.1",
     "COGVIEW_LOG_LEVEL": "warning",
     # The subprocess's own folder (its cwd), as the tests read the files there; the default

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     steps_hd: int = Field(default=50, ge=1, le=200)
     steps_standard: int = Field(default=20, ge=1, le=200)
+    # OpenAI's quality `low` (docs/api.md, "Quality"): fewer steps than `medium` (= standard).
+    steps_low: int = Field(default=10, ge=1, le=200)
     guidance_scale: float = Field(default=3.5, ge=1.0, le=20.0)
 
     # The fast engine (issue 4; docs/architecture.md "The fast path"). `engine`: fast = ours,
@@ -159,6 +161,7 @@ class Settings(BaseSettings):
     # Credits: price per image by quality.
     price_standard: int = Field(default=4, ge=0)
     price_hd: int = Field(default=4, ge=0)
+    price_low: int = Field(default=2, ge=0)
 
     # The queue.
     lease_seconds: float = Field(default=60.0, gt=0.5)
@@ -273,9 +276,17 @@ class Settings(BaseSettings):
         return self.model == TINY_MODEL
 
     def steps_for(self, quality: Quality) -> int:
-        return {Quality.STANDARD: self.steps_standard, Quality.HD: self.steps_hd}[quality]
+        return {
+            Quality.LOW: self.steps_low,
+            Quality.STANDARD: self.steps_standard,
+            Quality.HD: self.steps_hd,
+        }[quality]
 
     def price_for(self, quality: Quality) -> int:
         """Credits per image of `quality`: the one price function (a submit of n images is
         charged n times it)."""
-        return {Quality.STANDARD: self.price_standard, Quality.HD: self.price_hd}[quality]
+        return {
+            Quality.LOW: self.price_low,
+            Quality.STANDARD: self.price_standard,
+            Quality.HD: self.price_hd,
+        }[quality]

@@ -18,6 +18,7 @@ MODEL_NAMES = ("cogview-4", "cogview-4-250304")
 MAX_PROMPT_CHARS = 1000
 MAX_USER_ID_CHARS = 128
 MAX_IMAGES_PER_REQUEST = 4
+MAX_PREVIEWS = 3  # partial previews a task may ask for (native `previews`, OpenAI `partial_images`)
 MAX_SEED = 2**32 - 1
 # The slowest submit rate a key may be given (one a million seconds): below it the rate's
 # interval leaves a float's range (a subnormal rate made every submit a 500). 0 = no limit.
@@ -88,10 +89,17 @@ class Stage(StrEnum):
 
 
 class Quality(StrEnum):
-    """How hard the model works on an image: its steps (and price) come from the settings."""
+    """How hard the model works on an image: its steps (and price) come from the settings.
+    `low` is reached through OpenAI's quality `low` only (the native API keeps the hosted
+    API's two names)."""
 
+    LOW = "low"
     STANDARD = "standard"
     HD = "hd"
+
+
+# The qualities of the native and Zhipu surfaces (the hosted API's two names).
+NATIVE_QUALITIES = (Quality.STANDARD, Quality.HD)
 
 
 class OutputFormat(StrEnum):
@@ -198,6 +206,7 @@ class GenerationRequest:
     callback_url: str | None = None
     # JPEG/WebP encoder quality 0..100 (OpenAI's `output_compression`); None: the default.
     output_compression: int | None = None
+    previews: int = 0  # partial previews to decode while denoising, 0..MAX_PREVIEWS
 
     def __post_init__(self) -> None:
         _as_members(self, quality=Quality, output_format=OutputFormat)
@@ -210,6 +219,16 @@ def new_task_id() -> str:
 
 def new_image_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+def preview_steps(previews: int, steps: int) -> tuple[int, ...]:
+    """The denoising steps after which a task that asked for `previews` previews decodes one:
+    evenly spaced over the run, never its last step (that one is the image itself). With fewer
+    than `previews + 1` steps, fewer previews: one per step at most."""
+    if previews <= 0 or steps <= 1:
+        return ()
+    wanted = (round(steps * (i + 1) / (previews + 1)) for i in range(previews))
+    return tuple(sorted({min(max(s, 1), steps - 1) for s in wanted}))
 
 
 def image_seeds(seed: int | None, n: int) -> list[int]:
@@ -232,6 +251,23 @@ class ImageRecord:
     # stored before they were (migration 0007).
     size_bytes: int | None = None
     sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        _as_members(self, format=OutputFormat)
+
+
+@dataclass(frozen=True)
+class PreviewRecord:
+    """A partial preview of a task's first image: its current prediction decoded after `step`
+    of the denoising loop, stored like an image (store/previews.py)."""
+
+    token: str
+    index: int  # 0.. in the order decoded
+    step: int
+    width: int
+    height: int
+    format: OutputFormat
+    storage_key: str
 
     def __post_init__(self) -> None:
         _as_members(self, format=OutputFormat)
@@ -306,9 +342,15 @@ class Task:
     priority: PriorityClass = PriorityClass.INTERACTIVE  # its class in the queue
     batch_id: str | None = None  # the batch it came in by (POST /api/v1/batches), if any
     batch_index: int | None = None  # its line in that batch, 0-based
+    previews: int = 0  # partial previews asked for (0: none, and no `previews` on the wire)
+    preview_list: tuple[PreviewRecord, ...] = ()  # those decoded so far, by index
 
     def __post_init__(self) -> None:
         _as_members(self, quality=Quality, output_format=OutputFormat)
+
+    @property
+    def preview_steps(self) -> tuple[int, ...]:
+        return preview_steps(self.previews, self.steps)
 
     @property
     def size(self) -> Size:

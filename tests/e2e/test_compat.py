@@ -97,10 +97,10 @@ def test_openai_client_gets_b64_json_with_the_asked_size_count_quality_and_user(
         img = Image.open(io.BytesIO(base64.b64decode(image.b64_json)))
         assert (img.format, img.size) == ("PNG", (768, 1344))
     (task,) = tasks_of(native, key)
-    assert task["request"]["quality"] == "standard"
+    assert task["request"]["quality"] == "low"  # COGVIEW_STEPS_LOW, COGVIEW_PRICE_LOW (2)
     assert task["request"]["user_id"] == "end-user-42"
     assert task["request"]["n"] == 2
-    assert balance(native, key) == 100 - 8
+    assert balance(native, key) == 100 - 4
 
 
 def test_openai_client_sends_the_current_fields_and_reads_the_new_answer_fields(

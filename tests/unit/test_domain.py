@@ -90,7 +90,7 @@ def test_wire_status_folds_waiting_and_running() -> None:
 
 
 def test_the_enums_are_the_stored_and_wire_strings() -> None:
-    assert [q.value for q in Quality] == ["standard", "hd"]
+    assert [q.value for q in Quality] == ["low", "standard", "hd"]
     assert [f.value for f in OutputFormat] == ["png", "jpeg", "webp"]
     assert [e.value for e in WebhookEvent] == ["task.completed", "task.failed", "task.cancelled"]
     assert [s.value for s in DeliveryState] == ["pending", "delivered", "failed"]
@@ -122,9 +122,20 @@ def test_every_output_format_has_its_content_type() -> None:
 
 
 def test_price_and_steps_are_per_quality() -> None:
-    settings = Settings(price_hd=7, price_standard=2, steps_hd=40, steps_standard=12)
-    assert [settings.price_for(q) for q in Quality] == [2, 7]
-    assert [settings.steps_for(q) for q in Quality] == [12, 40]
+    settings = Settings(
+        price_hd=7, price_standard=2, price_low=1, steps_hd=40, steps_standard=12, steps_low=6
+    )
+    assert [settings.price_for(q) for q in Quality] == [1, 2, 7]
+    assert [settings.steps_for(q) for q in Quality] == [6, 12, 40]
+
+
+def test_by_default_low_is_cheaper_and_faster_than_standard() -> None:
+    """OpenAI's ladder (low < medium < high) onto ours: low 10 steps for 2 credits, medium =
+    standard 20 steps for 4, high = hd 50 steps for 4 (docs/api.md, "Quality")."""
+    settings = Settings()
+    steps = [settings.steps_for(q) for q in Quality]
+    prices = [settings.price_for(q) for q in Quality]
+    assert (steps, prices) == ([10, 20, 50], [2, 4, 4])
 
 
 def test_a_task_and_its_engine_job_have_one_batch_key() -> None:

@@ -71,7 +71,7 @@ OPENAI_QUALITY = {
     "high": Quality.HD,
     "hd": Quality.HD,
     "medium": Quality.STANDARD,
-    "low": Quality.STANDARD,
+    "low": Quality.LOW,
     "standard": Quality.STANDARD,
 }
 

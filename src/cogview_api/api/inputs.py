@@ -13,6 +13,7 @@ from pydantic_core import CoreSchema, core_schema
 from cogview_api.domain import (
     MAX_PROMPT_CHARS,
     MODEL_NAMES,
+    NATIVE_QUALITIES,
     DeliveryState,
     OutputFormat,
     Quality,
@@ -69,20 +70,21 @@ class OneOf:
     `str` (a member is one): FastAPI would otherwise add the enum to /openapi.json's components
     as a schema nothing refers to."""
 
-    def __init__(self, enum: type[StrEnum]) -> None:
+    def __init__(self, enum: type[StrEnum], only: tuple[StrEnum, ...] | None = None) -> None:
         self.enum = enum
+        self.members = only if only is not None else tuple(enum)
 
     def __get_pydantic_core_schema__(
         self, source: type[object], handler: GetCoreSchemaHandler
     ) -> CoreSchema:
-        values = core_schema.literal_schema([member.value for member in self.enum])
+        values = core_schema.literal_schema([member.value for member in self.members])
         if source is self.enum:
             return core_schema.no_info_after_validator_function(self.enum, values)
         return values
 
 
 # Request fields: the domain's members once validated.
-QualityName = Annotated[Quality, OneOf(Quality)]
+QualityName = Annotated[Quality, OneOf(Quality, NATIVE_QUALITIES)]
 OutputFormatName = Annotated[OutputFormat, OneOf(OutputFormat)]
 # Response fields: the wire strings of the domain's members.
 StageName = Annotated[str, OneOf(Stage)]

@@ -10,6 +10,7 @@ from cogview_api.api.schemas import (
     CreditsPublic,
     ErrorDetail,
     ImagePublic,
+    PreviewPublic,
     ProgressPublic,
     RequestPublic,
     TaskCreated,
@@ -100,7 +101,31 @@ def task_public(task: Task, base: ImageLinks) -> TaskPublic:
         webhook=webhook_public(task.webhook) if task.webhook else None,
         batch_id=task.batch_id,
         batch_index=task.batch_index,
+        previews=_previews(task, base) if task.previews else None,
     )
+
+
+def _previews(task: Task, base: ImageLinks) -> list[PreviewPublic]:
+    # Previews are served by token like images; presigned links work for them the same way.
+    return [
+        PreviewPublic(
+            index=p.index,
+            step=p.step,
+            url=base.url(
+                ImageRecord(
+                    token=p.token,
+                    index=p.index,
+                    width=p.width,
+                    height=p.height,
+                    seed=task.seeds[0],
+                    format=p.format,
+                    storage_key=p.storage_key,
+                ),
+                task.expires_at,
+            ),
+        )
+        for p in task.preview_list
+    ]
 
 
 def webhook_payload(settings: Settings) -> Callable[[Task], str]:

@@ -20,6 +20,7 @@ from cogview_api.api.inputs import (
 )
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
+    MAX_PREVIEWS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_USER_ID_CHARS,
@@ -77,6 +78,14 @@ class GenerationCreate(BaseModel):
         "unless the operator allows them.",
     )
     user_id: str | None = Field(default=None, max_length=MAX_USER_ID_CHARS)
+    previews: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_PREVIEWS,
+        description="Partial previews of the first image to decode while it forms, 0..3 "
+        "(evenly spaced over the steps; WebP at the task's size). They appear in the task's "
+        "`previews` as they are made. Free.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -111,6 +120,7 @@ class GenerationCreate(BaseModel):
             output_format=self.output_format,
             user_id=self.user_id,
             callback_url=self.callback_url,
+            previews=self.previews,
         )
 
 
@@ -120,6 +130,14 @@ class ImagePublic(BaseModel):
     height: int
     seed: int
     format: str
+
+
+class PreviewPublic(BaseModel):
+    """A partial preview of the task's first image, decoded after denoising step `step`."""
+
+    index: int = Field(description="0.. in the order made.")
+    step: int
+    url: str = Field(description="WebP at the task's size; no key needed, expires with the task.")
 
 
 class ProgressPublic(BaseModel):
@@ -198,6 +216,12 @@ class TaskPublic(BaseModel):
         default=None,
         exclude_if=lambda v: v is None,
         description="Its line in that batch, 0-based; absent for a task submitted alone.",
+    )
+    # Only on a task that asked for previews (left out of every other task's object).
+    previews: list[PreviewPublic] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Partial previews made so far, by index; absent on a task that asked for none.",
     )
 
 

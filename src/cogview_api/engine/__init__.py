@@ -37,6 +37,8 @@ class EngineJob:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
+    # After which denoising steps to decode a preview of the first image (domain.preview_steps).
+    preview_steps: tuple[int, ...] = ()
 
     @classmethod
     def from_task(cls, task: Task) -> EngineJob:
@@ -49,12 +51,17 @@ class EngineJob:
             steps=task.steps,
             guidance_scale=task.guidance_scale,
             seeds=task.seeds,
+            preview_steps=task.preview_steps,
         )
 
 
 # Called with (task_id, stage, step); stage is "denoising" or "decoding". Returns whether to
 # go on: False when the task was cancelled or is no longer this worker's to run.
 ProgressFn = Callable[[str, str, int], bool]
+
+# Called with (task_id, index, step, image): the job's preview `index` (0..), its first image's
+# current prediction decoded after denoising step `step`. Not called for a job that stopped.
+PreviewFn = Callable[[str, int, int, "Image"], None]
 
 
 class Engine(Protocol):
@@ -67,12 +74,22 @@ class Engine(Protocol):
     `progress` is called from the generating thread after every denoising step. When it
     returns False the engine stops that job at once (no more steps, no decoding) and returns
     an empty list for it; the other jobs of the batch go on.
+
+    `preview`, when given, is called from the same thread for each job's `preview_steps`, in
+    order, with the first image's current prediction of the final image (the noise the
+    scheduler would remove, removed at once) decoded by the VAE: one decode per preview.
+    Previews never change the images: a job's images are the same with and without them.
     """
 
     name: str
     device: str
 
-    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image]]: ...
+    def generate(
+        self,
+        jobs: Sequence[EngineJob],
+        progress: ProgressFn,
+        preview: PreviewFn | None = None,
+    ) -> list[list[Image]]: ...
 
 
 def load_engine(settings: Settings) -> Engine:

@@ -23,7 +23,7 @@ from diffusers import CogView4Pipeline
 
 from cogview_api.config import DEFAULT_MODEL, FULL_RANDOM_MODEL, Settings
 from cogview_api.domain import BatchKey
-from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.engine import EngineJob, PreviewFn, ProgressFn
 from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
 from cogview_api.errors import EngineError, EngineLoadError, EngineOutOfMemory
 from cogview_api.metrics import instruments
@@ -143,7 +143,15 @@ class CogView4Engine:
                 )
         return engine
 
-    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image]]:
+    def generate(
+        self,
+        jobs: Sequence[EngineJob],
+        progress: ProgressFn,
+        preview: PreviewFn | None = None,
+    ) -> list[list[Image]]:
+        """See `Engine`. Previews come from the fast engine only: the stock pipeline's step
+        callback is not handed the velocity a prediction needs (COGVIEW_ENGINE=stock, a
+        reference path, decodes none)."""
         with self._lock:
             if self.fast is None:
                 try:
@@ -153,7 +161,7 @@ class CogView4Engine:
             results: dict[int, list[Image]] = {}
             try:
                 for batch in _batches(jobs):
-                    results.update(self._generate_batch(jobs, batch, progress))
+                    results.update(self._generate_batch(jobs, batch, progress, preview))
             finally:
                 self._record_memory()
             return [results[i] for i in range(len(jobs))]
@@ -167,7 +175,11 @@ class CogView4Engine:
         m.gpu_memory_peak.labels(self.device).set(torch.cuda.max_memory_allocated(self.device))
 
     def _generate_batch(
-        self, jobs: Sequence[EngineJob], batch: list[int], progress: ProgressFn
+        self,
+        jobs: Sequence[EngineJob],
+        batch: list[int],
+        progress: ProgressFn,
+        preview: PreviewFn | None = None,
     ) -> dict[int, list[Image]]:
         """Jobs `batch` (indexes into `jobs`, one batch key) in one denoising loop."""
         assert self.fast is not None
@@ -177,11 +189,24 @@ class CogView4Engine:
             job = jobs[batch[group]]
             return progress(job.task_id, "denoising" if step < job.steps else "decoding", step)
 
+        def on_preview(group: int, step: int, latent: torch.Tensor) -> None:
+            assert preview is not None
+            job = jobs[batch[group]]
+            image = self._decode_one(latent)
+            preview(job.task_id, job.preview_steps.index(step), step, image)
+
+        wants_previews = preview is not None and any(jobs[i].preview_steps for i in batch)
+
         try:
             with torch.inference_mode():
                 latents = self.fast.denoise(
                     [
-                        FastJob(jobs[i].prompt, jobs[i].negative_prompt, jobs[i].seeds)
+                        FastJob(
+                            jobs[i].prompt,
+                            jobs[i].negative_prompt,
+                            jobs[i].seeds,
+                            jobs[i].preview_steps,
+                        )
                         for i in batch
                     ],
                     width=first.width,
@@ -189,6 +214,7 @@ class CogView4Engine:
                     steps=first.steps,
                     guidance_scale=first.guidance_scale,
                     on_step=on_step,
+                    on_preview=on_preview if wants_previews else None,
                 )
                 return {
                     i: [] if rows is None else self._decode(rows)
@@ -250,14 +276,17 @@ class CogView4Engine:
         task (about 3.2 GB per 1024*1024 image in bf16, bench/memory_estimate.py), so decoding
         a job's four images together would need four times that at once."""
         started = time.perf_counter()
-        vae = self.pipe.vae
-        images: list[Image] = []
-        for row in latents.split(1):
-            decoded = vae.decode(row.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
-            images += self.pipe.image_processor.postprocess(decoded[0], output_type="pil")
+        images = [self._decode_one(row) for row in latents.split(1)]
         # PIL images are on the host: the GPU is done with them.
         instruments().stage.labels("decode").observe(time.perf_counter() - started)
         return images
+
+    def _decode_one(self, latent: torch.Tensor) -> Image:
+        """One latent (1, C, h, w) through the VAE, to a PIL image."""
+        vae = self.pipe.vae
+        decoded = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+        image: Image = self.pipe.image_processor.postprocess(decoded[0], output_type="pil")[0]
+        return image
 
 
 def _batches(jobs: Sequence[EngineJob]) -> list[list[int]]:

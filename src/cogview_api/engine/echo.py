@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.engine import EngineJob, PreviewFn, ProgressFn
 from cogview_api.errors import EngineError
 
 if TYPE_CHECKING:
@@ -52,7 +52,12 @@ class EchoEngine:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.step_seconds = float(os.environ.get(STEP_SECONDS_ENV, "0") or 0)
 
-    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
+    def generate(
+        self,
+        jobs: Sequence[EngineJob],
+        progress: ProgressFn,
+        preview: PreviewFn | None = None,
+    ) -> list[list[Image.Image]]:
         with open(self.log_dir / f"{os.getpid()}.txt", "a") as log:
             log.write("".join(f"{job.task_id} {len(jobs)}\n" for job in jobs))
         if any(FAIL_MARKER in job.prompt for job in jobs):
@@ -65,6 +70,12 @@ class EchoEngine:
                 going = job.task_id in live and step <= job.steps
                 if going and not progress(job.task_id, "denoising", step):
                     live.discard(job.task_id)
+                elif going and preview is not None and step in job.preview_steps:
+                    # A stand-in preview: the first image's colour, darker the earlier the step.
+                    shade = _image(job.width, job.height, job.seeds[0]).point(
+                        lambda v, f=step / job.steps: int(v * f)
+                    )
+                    preview(job.task_id, job.preview_steps.index(step), step, shade)
         return [
             [_image(job.width, job.height, seed, NOISE_MARKER in job.prompt) for seed in job.seeds]
             if job.task_id in live

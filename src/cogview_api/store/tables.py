@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 
@@ -154,6 +155,9 @@ tasks = Table(
     # alone (migration 0016).
     Column("batch_id", String(64), nullable=True),
     Column("batch_index", Integer, nullable=True),
+    # Partial previews asked for (NULL: none) and stored so far (migration 0017).
+    Column("previews", Integer, nullable=True),
+    Column("previews_made", Integer, nullable=True),
     Index("ix_tasks_key_seq", "key_id", "seq"),
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_key_state_seq", "key_id", "state", "seq"),
@@ -200,6 +204,27 @@ images = Table(
     Column("sha256", String(64), nullable=True),
     Index("ix_images_task_id", "task_id"),
     Index("ix_images_expires_at", "expires_at"),
+)
+
+# Partial previews of a task's first image, decoded while it is denoised (worker/previews.py):
+# served like images by their random token, deleted after the same retention (0017).
+previews = Table(
+    "previews",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("format", String(8), nullable=False),
+    Column("storage_key", Text, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("deleted_at", UTCDateTime, nullable=True),
+    UniqueConstraint("task_id", "idx"),
+    Index("ix_previews_expires_at", "expires_at"),
 )
 
 # Idempotency-Key records, scoped per API key: a retry with the same key and the same request

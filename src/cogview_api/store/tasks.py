@@ -26,10 +26,11 @@ from cogview_api.domain import (
 )
 from cogview_api.errors import LimitState, NotFound, RateLimited, ServiceUnavailable
 from cogview_api.store import positions
+from cogview_api.store import previews as preview_store
 from cogview_api.store.batch_ends import batch_task_ended
 from cogview_api.store.keys import add_credits, hash_key, key_from
 from cogview_api.store.notify import announce, announce_change
-from cogview_api.store.tables import api_keys, images, queue_depth, tasks
+from cogview_api.store.tables import api_keys, images, previews, queue_depth, tasks
 from cogview_api.store.webhooks import deliveries_of, enqueue_delivery
 
 # The hot statements, built once: each request binds its values to them. Building a statement
@@ -118,6 +119,7 @@ _WATCH = (
         tasks.c.stage,
         tasks.c.step,
         tasks.c.attempts,
+        tasks.c.previews_made,
         api_keys.c.revoked_at,
         select(func.min(tasks.c.seq)).where(_queued).scalar_subquery().label("queue_head"),
         select(func.max(tasks.c.seq)).where(_queued).scalar_subquery().label("queue_tail"),
@@ -169,7 +171,7 @@ def watch_look(conn: Connection, task_ids: Sequence[str], before: QueueMark | No
     r0 = rows[0]
     mark = QueueMark(head=r0.queue_head, tail=r0.queue_tail, length=int(r0.queue_length))
     return WatchLook(
-        versions={r.id: (r.state, r.stage, r.step, r.attempts) for r in rows},
+        versions={r.id: (r.state, r.stage, r.step, r.attempts, r.previews_made) for r in rows},
         revoked=frozenset(r.id for r in rows if r.revoked_at is not None),
         queue=mark,
         queue_moved=mark.moved_since(before, int(r0.appended)),
@@ -299,6 +301,8 @@ def task_values(
         "surface": surface,
         "request_id": request_id,
         "priority": priority,
+        "previews": request.previews or None,
+        "previews_made": None,
         "step": 0,
         "attempts": 0,
         "max_attempts": max_attempts,
@@ -342,6 +346,8 @@ def _task_in_full(conn: Connection, m: Any, batch_size: int) -> Task:
     state = TaskState(m["state"])
     # Images are written in the transaction that completes the task, and only then.
     task = _task(m, _task_images(conn, m["id"]) if state is TaskState.COMPLETED else ())
+    if m["previews_made"]:  # one more read for the tasks that have previews, none for others
+        task = replace(task, preview_list=preview_store.task_previews(conn, task.id))
     if task.callback_url is not None:
         task = replace(task, webhook=deliveries_of(conn, [task.id]).get(task.id))
     if state is TaskState.QUEUED:
@@ -382,7 +388,15 @@ def tasks_in_full(conn: Connection, rows: Sequence[Any], batch_size: int) -> lis
     all of them at once."""
     imgs = _images(conn, [r.id for r in rows])
     hooks = deliveries_of(conn, [r.id for r in rows if r.callback_url is not None])
-    found = [replace(_task(r._mapping, imgs.get(r.id, ())), webhook=hooks.get(r.id)) for r in rows]
+    shown = preview_store.previews_of(conn, [r.id for r in rows if r.previews_made])
+    found = [
+        replace(
+            _task(r._mapping, imgs.get(r.id, ())),
+            webhook=hooks.get(r.id),
+            preview_list=shown.get(r.id, ()),
+        )
+        for r in rows
+    ]
     return _positioned(conn, found, batch_size)
 
 
@@ -531,17 +545,23 @@ def set_progress(
 
 
 def expired_images(conn: Connection, now: datetime, limit: int = 500) -> list[tuple[str, str]]:
-    rows = conn.execute(
-        select(images.c.token, images.c.storage_key)
-        .where(images.c.expires_at <= now, images.c.deleted_at.is_(None))
-        .limit(limit)
-    ).all()
-    return [(r.token, r.storage_key) for r in rows]
+    """(token, storage key) of up to `limit` images, and as many previews, past their retention
+    whose files are still to be deleted."""
+    found: list[tuple[str, str]] = []
+    for table in (images, previews):
+        rows = conn.execute(
+            select(table.c.token, table.c.storage_key)
+            .where(table.c.expires_at <= now, table.c.deleted_at.is_(None))
+            .limit(limit)
+        ).all()
+        found += [(r.token, r.storage_key) for r in rows]
+    return found
 
 
 def mark_images_deleted(conn: Connection, tokens: Sequence[str]) -> None:
     if tokens:
-        conn.execute(update(images).where(images.c.token.in_(tokens)).values(deleted_at=utcnow()))
+        for table in (images, previews):
+            conn.execute(update(table).where(table.c.token.in_(tokens)).values(deleted_at=utcnow()))
 
 
 @dataclass(frozen=True)
@@ -554,17 +574,20 @@ class StoredImage:
 
 
 def find_image(conn: Connection, token: str) -> StoredImage | None:
-    """Where a live image is stored and what its file must be, or None."""
-    row = conn.execute(
-        select(
-            images.c.storage_key,
-            images.c.format,
-            images.c.expires_at,
-            images.c.size_bytes,
-            images.c.sha256,
-        ).where(images.c.token == token, images.c.deleted_at.is_(None))
-    ).first()
-    return None if row is None else StoredImage(**row._mapping)
+    """Where a live image (or a task's preview) is stored and what its file must be, or None."""
+    for table in (images, previews):
+        row = conn.execute(
+            select(
+                table.c.storage_key,
+                table.c.format,
+                table.c.expires_at,
+                table.c.size_bytes,
+                table.c.sha256,
+            ).where(table.c.token == token, table.c.deleted_at.is_(None))
+        ).first()
+        if row is not None:
+            return StoredImage(**row._mapping)
+    return None
 
 
 def _owned(task_id: str, worker_id: str | None) -> Any:
@@ -644,4 +667,5 @@ def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:
         images=imgs,
         batch_id=m["batch_id"],
         batch_index=m["batch_index"],
+        previews=m["previews"] or 0,
     )

@@ -31,6 +31,7 @@ from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
 from cogview_api.worker.encode import encode_image
 from cogview_api.worker.metering import BatchMeter
+from cogview_api.worker.previews import PreviewWriter
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -232,7 +233,7 @@ class Worker:
         try:
             jobs = [EngineJob.from_task(t) for t in batch]
             try:
-                results = self.engine.generate(jobs, self._progress)
+                results = self._generate(jobs, batch)
             except EngineError as exc:
                 for t in batch:
                     with task_context(t.id, t.request_id):
@@ -258,6 +259,20 @@ class Worker:
                     self._log_done(task, outcome, started, len(batch))
         finally:
             renewer.stop()
+
+    def _generate(self, jobs: Sequence[EngineJob], batch: Sequence[Task]) -> list[list[Image]]:
+        """The engine's call, with a preview writer when a task of the batch asked for any."""
+        if not any(t.previews for t in batch):
+            return self.engine.generate(jobs, self._progress)
+        writer = PreviewWriter(
+            db=self.db,
+            storage=self.storage,
+            worker_id=self.id,
+            batch=batch,
+            retention=timedelta(days=self.settings.retention_days),
+            on_changed=self._changed,
+        )
+        return self.engine.generate(jobs, self._progress, writer)
 
     def _log_done(self, task: Task, outcome: str, started: float, batch_size: int) -> None:
         """The one info line per task this worker ran: what it was, how long it waited and ran,

@@ -22,6 +22,7 @@ from cogview_api.domain import (
     MAX_SIDE,
     MIN_SIDE,
     MODEL_NAMES,
+    NATIVE_QUALITIES,
     PRESET_SIZES,
     SIDE_STEP,
     Quality,
@@ -44,7 +45,7 @@ def server_info(settings: Settings) -> ServerInfoPublic:
         models=list(MODEL_NAMES),
         engine=settings.model,
         note=ENGINE_NOTES.get(settings.model),
-        credits_per_image={q.value: settings.price_for(q) for q in Quality},
+        credits_per_image={q.value: settings.price_for(q) for q in NATIVE_QUALITIES},
         default_quality=Quality.HD.value,
         sizes=SizeRules(
             presets=[f"{w}*{h}" for w, h in PRESET_SIZES],
