@@ -100,9 +100,12 @@ OPENAI_FIELD_CASES = [
     ("moderation-high", openai_body(moderation="high"), "moderation"),
     ("safety-identifier-129-chars", openai_body(safety_identifier="u" * 129), "safety_identifier"),
     ("two-different-end-users", openai_body(user="a", safety_identifier="b"), "safety_identifier"),
-    ("stream-true", openai_body(stream=True), "stream"),
     ("stream-string", openai_body(stream="yes"), "stream"),
-    ("partial-images", openai_body(partial_images=2), "partial_images"),
+    ("partial-images-without-stream", openai_body(partial_images=2), "partial_images"),
+    ("partial-images-4", openai_body(stream=True, partial_images=4), "partial_images"),
+    ("partial-images-negative", openai_body(stream=True, partial_images=-1), "partial_images"),
+    ("partial-images-string", openai_body(stream=True, partial_images="2"), "partial_images"),
+    ("stream-transparent", openai_body(stream=True, background="transparent"), "background"),
 ]
 
 
@@ -143,11 +146,8 @@ ZHIPU_FIELD_CASES = [
 ]
 
 
-def test_openai_stream_is_refused_as_not_built_rather_than_unknown(api: InProcessApi) -> None:
+def test_openai_transparent_background_is_refused_with_what_to_send(api: InProcessApi) -> None:
     key = api.make_key(credits=40)
-    r = api.client.post(OPENAI, json=openai_body(stream=True), headers=auth(key))
-    err = assert_openai_error(r, 400, "invalid_request_error", "stream")
-    assert "not built" in err["message"] and "Unknown" not in err["message"]
     r = api.client.post(OPENAI, json=openai_body(background="transparent"), headers=auth(key))
     assert "opaque" in assert_openai_error(r, 400, "invalid_request_error", "background")["message"]
 

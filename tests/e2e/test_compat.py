@@ -167,8 +167,8 @@ def test_openai_client_lists_and_retrieves_the_models_served(server: ServerProce
     ("changes", "param"),
     [
         ({"background": "transparent"}, "background"),
-        ({"stream": True}, "stream"),
-        ({"stream": True, "partial_images": 2}, "stream"),
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"partial_images": 2}, "partial_images"),  # without stream
         ({"output_format": "jpeg", "output_compression": 101}, "output_compression"),
         ({"output_compression": 50}, "output_compression"),  # png
         ({"moderation": "strict"}, "moderation"),
@@ -176,8 +176,8 @@ def test_openai_client_lists_and_retrieves_the_models_served(server: ServerProce
     ],
     ids=[
         "transparent",
-        "stream",
-        "partial-images",
+        "partial-images-4",
+        "partial-images-unstreamed",
         "compression-101",
         "compression-png",
         "moderation",

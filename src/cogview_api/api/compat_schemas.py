@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from cogview_api.api.inputs import ModelName, OutputFormatName, Prompt, QualityName
 from cogview_api.domain import (
     MAX_IMAGES_PER_REQUEST,
+    MAX_PREVIEWS,
     MAX_USER_ID_CHARS,
     MODEL_NAMES,
     GenerationRequest,
@@ -122,19 +123,24 @@ class OpenAIImageCreate(CompatImageCreate):
         default=None, description="OpenAI's older name of `safety_identifier`."
     )
     stream: bool | None = Field(
-        default=None, description="`true` is refused: streaming is not built yet."
+        default=None,
+        description="`true`: answer with OpenAI's image event stream (`text/event-stream`): "
+        "`image_generation.partial_image` events, then one `image_generation.completed` "
+        "event per image.",
     )
     partial_images: int | None = Field(
-        default=None, description="Refused: it needs `stream`, which is not built yet."
+        default=None,
+        ge=0,
+        le=MAX_PREVIEWS,
+        description="With `stream`: partial images (real previews of the first image as it "
+        "forms, WebP) to stream before the result, 0..3; default 0. Free.",
     )
 
     def to_domain(self) -> GenerationRequest:
-        if self.stream or self.partial_images is not None:
-            param = "stream" if self.stream else "partial_images"
+        if self.partial_images and not self.stream:
             raise InvalidRequest(
-                "Streaming (stream, partial_images) is not built on this server yet: "
-                "leave both out and the answer comes when the images are done.",
-                param=param,
+                "partial_images is for streaming: send it with stream: true, or leave it out.",
+                param="partial_images",
             )
         if self.background == "transparent":
             raise InvalidRequest(
@@ -157,6 +163,7 @@ class OpenAIImageCreate(CompatImageCreate):
             output_format=output_format,
             output_compression=self.output_compression,
             user_id=_one_user(("safety_identifier", self.safety_identifier), ("user", self.user)),
+            previews=(self.partial_images or 0) if self.stream else 0,
         )
 
     @property

@@ -229,6 +229,26 @@ class GenerationServing:
             raise TaskFailed(f"Task {task.id} failed: {reason}")
         return replace(accepted, task=finished)
 
+    async def accept_streaming(
+        self, request: Request, *, surface: str, schema: type[Body], secret: str
+    ) -> tuple[Accepted[Body], Slot]:
+        """A streaming compat request's start: one of the key's `Prefer: wait` slots (429 over
+        the cap, before anything is written), then `accept` as `generate` does. The caller
+        streams the task and gives the slot back when the stream ends."""
+        slot = await self.take_slot("wait", secret)
+        try:
+            accepted = await self.accept(
+                request, surface=surface, schema=schema, secret=secret, joins_retries=True
+            )
+        except BaseException:
+            await give_back(slot)
+            raise
+        return accepted, slot
+
+    async def note_answer(self, task_id: str, answer: generation.SyncAnswer) -> None:
+        """Record how a synchronous request's answer went (for its retries, api/retries.py)."""
+        await self._note(task_id, answer)
+
     async def _wait_for_client(
         self, request: Request, secret: str, task_id: str, seconds: float
     ) -> Task:

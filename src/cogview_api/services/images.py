@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cogview_api.clock import utcnow
-from cogview_api.domain import OutputFormat, Task
+from cogview_api.domain import OutputFormat, PreviewRecord, Task
 from cogview_api.errors import CogviewError, NotFound
 from cogview_api.media import CONTENT_TYPES
 from cogview_api.storage import PRESIGN_MAX_SECONDS, ImageStorage, PresignedUrls
@@ -67,6 +67,12 @@ def images_base64(storage: ImageStorage, task: Task) -> list[str]:
             raise CogviewError(f"The images of task {task.id} are no longer stored.")
         encoded.append(base64.b64encode(data).decode("ascii"))
     return encoded
+
+
+def preview_base64(storage: ImageStorage, preview: PreviewRecord) -> str | None:
+    """A stored preview's file, base64-encoded; None once it is gone."""
+    data = storage.get(preview.storage_key)
+    return None if data is None else base64.b64encode(data).decode("ascii")
 
 
 def presigner(mode: str, storage: ImageStorage) -> Callable[[str, int], str] | None:

@@ -4,6 +4,8 @@ credits as the native API. The official `openai` client works with `base_url` se
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -17,7 +19,9 @@ from cogview_api.api.compat_schemas import (
     OpenAIUsage,
 )
 from cogview_api.api.deps import BackendsDep, BaseUrl, Secret, ServingDep
+from cogview_api.api.events import TaskEventsResponse
 from cogview_api.api.idempotency import REPLAYED_HEADER
+from cogview_api.api.openai_stream import image_event_stream
 from cogview_api.api.openapi import error_responses, json_200, sync_generation_docs
 from cogview_api.domain import MODEL_NAMES
 from cogview_api.errors import NotFound
@@ -52,7 +56,23 @@ async def create_image(
     serving: ServingDep,
     backends: BackendsDep,
     base: BaseUrl,
-) -> OpenAIImagesResponse:
+) -> OpenAIImagesResponse | Response:
+    if _asks_to_stream(await request.body()):
+        accepted, slot = await serving.accept_streaming(
+            request, surface="openai", schema=OpenAIImageCreate, secret=secret
+        )
+        events = image_event_stream(
+            serving=serving,
+            storage=backends.storage,
+            body=accepted.body,
+            first=accepted.task,
+            wait_s=serving.settings.sync_wait_seconds,
+        )
+        streaming = TaskEventsResponse(events, slot=slot)
+        streaming.headers.update(accepted.headers)
+        if accepted.replayed:
+            streaming.headers[REPLAYED_HEADER] = "true"
+        return streaming
     done = await serving.generate(
         request,
         surface="openai",
@@ -76,6 +96,16 @@ async def create_image(
         size=f"{task.width}x{task.height}",
         usage=OpenAIUsage(images=len(task.images), credits=task.credits_charged),
     )
+
+
+def _asks_to_stream(raw: bytes) -> bool:
+    """Whether a body asks for the event stream; anything unreadable goes the usual way,
+    where it is refused in the envelope."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
 
 
 @router.get(
