@@ -16,6 +16,10 @@ command -v chromium >/dev/null 2>&1 || PACKAGES+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || PACKAGES+=(postgresql)
 command -v g++ >/dev/null 2>&1 || PACKAGES+=(g++)
 [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ] || PACKAGES+=(prometheus)
+# Node.js and npm: tests/e2e/test_other_clients.py runs the official OpenAI Node SDK (npm
+# `openai`, pinned there, installed by the test into the test cache).
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || PACKAGES+=(python3-dev)
 if [ "${#PACKAGES[@]}" -gt 0 ]; then

@@ -25,7 +25,7 @@ from cogview_api.api.compat_schemas import OpenAIImageCreate
 from cogview_api.api.serving import GenerationServing
 from cogview_api.domain import Task, TaskState
 from cogview_api.services import images as image_service
-from cogview_api.storage import ImageStorage
+from cogview_api.services.backends import Backends
 
 PARTIAL = "image_generation.partial_image"
 COMPLETED = "image_generation.completed"
@@ -43,9 +43,9 @@ def _error_frame(message: str, kind: str, code: str) -> str:
 class ImageEvents:
     """The events of one streamed request, from its task as it changes."""
 
-    def __init__(self, body: OpenAIImageCreate, storage: ImageStorage) -> None:
+    def __init__(self, body: OpenAIImageCreate, backends: Backends) -> None:
         self.body = body
-        self.storage = storage
+        self.storage = backends.storage
         self.sent_partials = 0
 
     def _common(self, task: Task) -> dict[str, Any]:
@@ -106,14 +106,14 @@ class ImageEvents:
 async def image_event_stream(
     *,
     serving: GenerationServing,
-    storage: ImageStorage,
+    backends: Backends,
     body: OpenAIImageCreate,
     first: Task,
     wait_s: float,
 ) -> AsyncIterator[str]:
     """The events of `first`'s task until its images (or its end). Starlette cancels this
     when the client disconnects; the task then goes on, and a retry of the request joins it."""
-    events = ImageEvents(body, storage)
+    events = ImageEvents(body, backends)
     deadline = time.monotonic() + wait_s
     task, answered = first, False
     try:

@@ -63,7 +63,7 @@ async def create_image(
         )
         events = image_event_stream(
             serving=serving,
-            storage=backends.storage,
+            backends=backends,
             body=accepted.body,
             first=accepted.task,
             wait_s=serving.settings.sync_wait_seconds,
