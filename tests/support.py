@@ -27,7 +27,7 @@ from sqlalchemy import event
 from cogview_api.api.app import create_app
 from cogview_api.api.http_server import http_config
 from cogview_api.config import Settings
-from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.engine import EngineJob, PreviewFn, ProgressFn
 from cogview_api.errors import EngineOutOfMemory
 from cogview_api.services import keys as key_service
 from cogview_api.services.backends import Backends
@@ -253,7 +253,9 @@ class FlakyEngine:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
+    def generate(
+        self, jobs: Sequence[EngineJob], progress: ProgressFn, preview: PreviewFn | None = None
+    ) -> list[list[Image.Image]]:
         out = []
         for job in jobs:
             self.calls.append(job.task_id)
@@ -261,6 +263,9 @@ class FlakyEngine:
                 raise EngineOutOfMemory("The GPU ran out of memory for this task.")
             for step in range(1, job.steps + 1):
                 progress(job.task_id, "denoising", step)
+                if preview is not None and step in job.preview_steps:
+                    gray = Image.new("RGB", (job.width, job.height), "gray")
+                    preview(job.task_id, job.preview_steps.index(step), step, gray)
             out.append([Image.new("RGB", (job.width, job.height), "gray") for _ in job.seeds])
         return out
 

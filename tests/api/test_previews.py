@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
+from sqlalchemy import update
 
+from cogview_api.clock import utcnow
 from cogview_api.config import Settings
 from cogview_api.engine.echo import EchoEngine
+from cogview_api.store.tables import previews
 from tests.conftest import make_settings
 from tests.support import (
     InProcessApi,
@@ -105,3 +109,14 @@ def test_previews_out_of_range_or_of_another_type_is_a_400(api: InProcessApi) ->
         error = r.json()["error"]
         assert (error["type"], error["param"]) == ("invalid_request", "previews"), value
     assert api.client.get("/api/v1/account", headers=auth(key)).json()["data"]["balance"] == 100
+
+
+def test_a_preview_past_its_retention_is_gone(api: InProcessApi) -> None:
+    key = api.make_key(credits=100)
+    task = poll_until_done(api.client, submit_task(api.client, key, previews=1, **SMALL), key)
+    (preview,) = task["previews"]
+    assert api.client.get(preview["url"]).status_code == 200
+    with api.db.write() as conn:
+        conn.execute(update(previews).values(expires_at=utcnow() - timedelta(seconds=1)))
+    r = api.client.get(preview["url"])
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"

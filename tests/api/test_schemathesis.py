@@ -27,7 +27,7 @@ from schemathesis.checks import ignored_auth, positive_data_acceptance
 from schemathesis.core.result import Ok
 
 from cogview_api.api.errors import surface_of
-from cogview_api.engine import EngineJob, ProgressFn
+from cogview_api.engine import EngineJob, PreviewFn, ProgressFn
 from tests.api.test_openapi import ERROR_KEYS
 from tests.conftest import make_settings
 from tests.support import FlakyEngine, InProcessApi, auth, background_worker, in_process_api
@@ -37,8 +37,10 @@ class GrayEngine(FlakyEngine):
     """FlakyEngine that never fails: here a failed task would be a (correct) 500 of the
     synchronous routes, which this test must not mistake for a bug."""
 
-    def generate(self, jobs: Sequence[EngineJob], progress: ProgressFn) -> list[list[Image.Image]]:
-        return super().generate([replace(job, prompt="gray") for job in jobs], progress)
+    def generate(
+        self, jobs: Sequence[EngineJob], progress: ProgressFn, preview: PreviewFn | None = None
+    ) -> list[list[Image.Image]]:
+        return super().generate([replace(job, prompt="gray") for job in jobs], progress, preview)
 
 
 ADMIN_TOKEN = "fuzz-admin-" + "0" * 32
