@@ -14,6 +14,7 @@ from cogview_api.errors import StorageError
 from cogview_api.storage import ImageStorage, open_storage
 from cogview_api.storage.s3 import S3Storage
 from cogview_api.worker.loop import Worker
+from tests.conftest import make_settings
 from tests.integration.conftest import MotoServer
 from tests.pg import PgCluster
 from tests.support import (
@@ -23,7 +24,9 @@ from tests.support import (
     ServerProcess,
     auth,
     free_port,
+    in_process_api,
     server_env,
+    submit_task,
 )
 
 KEY = "2026/11/24/task_cv4/0-tok.png"
@@ -130,6 +133,41 @@ def test_store_down_fails_the_task_with_a_refund_and_never_shows_it_completed(
     assert task["credits"] == {"charged": 4, "refunded": 4}
     acct = api.client.get("/api/v1/account", headers=auth(key)).json()["data"]
     assert acct["balance"] == 40
+
+
+def test_previews_are_stored_in_the_bucket_and_served_from_it(
+    tmp_path: Path,
+    tiny_cache: Path,
+    database_url: str,
+    moto_s3: MotoServer,
+    aws_env: dict[str, str],
+) -> None:
+    bucket = moto_s3.new_bucket()
+    settings = make_settings(
+        tmp_path,
+        tiny_cache,
+        database_url=database_url,
+        storage_url=f"s3://{bucket}/cogview",
+        s3_endpoint_url=moto_s3.endpoint_url,
+    )
+    with in_process_api(settings) as api:
+        key = api.make_key(credits=40)
+        task_id = submit_task(api.client, key, previews=1)  # hd: 2 steps, a preview after 1
+        storage = open_storage(settings.storage_url, s3_endpoint_url=moto_s3.endpoint_url)
+        worker = Worker(settings=settings, db=api.db, storage=storage, engine=FlakyEngine())
+        assert worker.run_once()
+        task = api.client.get(f"/api/v1/tasks/{task_id}", headers=auth(key)).json()["data"]
+        (preview,) = task["previews"]
+        got = api.client.get(preview["url"])  # proxied by the API from the bucket
+    assert got.status_code == 200 and got.headers["content-type"] == "image/webp"
+    (stored,) = [
+        o["Key"]
+        for o in moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]
+        if "/preview-" in o["Key"]
+    ]
+    assert stored.startswith("cogview/") and stored.endswith(".webp")
+    obj = moto_s3.client().get_object(Bucket=bucket, Key=stored)
+    assert obj["ContentType"] == "image/webp" and obj["Body"].read() == got.content
 
 
 @pytest.mark.e2e
