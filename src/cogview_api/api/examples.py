@@ -175,6 +175,16 @@ EVENTS_ANSWER = (
     ": keep-alive\n\n"
     f'event: task\ndata: {{"task_id":"{TASK_ID}","status":"COMPLETED",...}}\n\n'
 )
+OPENAI_STREAM_ANSWER = (
+    'event: image_generation.partial_image\ndata: {"type":"image_generation.partial_image",'
+    '"b64_json":"UklGR...","partial_image_index":0,"output_format":"webp",'
+    '"created_at":1795496440,"background":"opaque","quality":"high","size":"1024x1024"}\n\n'
+    'event: image_generation.completed\ndata: {"type":"image_generation.completed",'
+    '"b64_json":"iVBOR...","output_format":"png","created_at":1795496452,"usage":{"images":1,'
+    '"credits":4,"input_tokens":0,"input_tokens_details":{"image_tokens":0,"text_tokens":0},'
+    '"output_tokens":0,"total_tokens":0},"background":"opaque","quality":"high",'
+    '"size":"1024x1024"}\n\n'
+)
 OPENAI_ANSWER = {
     "created": 1795496431,
     "data": [{"url": IMAGE_URL}],

@@ -5,6 +5,7 @@ credits as the native API. The official `openai` client works with `base_url` se
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -21,8 +22,13 @@ from cogview_api.api.compat_schemas import (
 from cogview_api.api.deps import BackendsDep, BaseUrl, Secret, ServingDep
 from cogview_api.api.events import TaskEventsResponse
 from cogview_api.api.idempotency import REPLAYED_HEADER
-from cogview_api.api.openai_stream import image_event_stream
-from cogview_api.api.openapi import error_responses, json_200, sync_generation_docs
+from cogview_api.api.openai_stream import COMPLETED, PARTIAL, image_event_stream
+from cogview_api.api.openapi import (
+    error_responses,
+    example_media,
+    json_200,
+    sync_generation_docs,
+)
 from cogview_api.domain import MODEL_NAMES
 from cogview_api.errors import NotFound
 from cogview_api.services import images as image_service
@@ -37,16 +43,42 @@ MODELS = {
 }
 
 
-@router.post(
-    "/images/generations",
-    response_model=OpenAIImagesResponse,
-    response_model_exclude_none=True,
-    **sync_generation_docs(
+def _generation_docs() -> dict[str, Any]:
+    """The synchronous route's docs, and its 200 with `stream: true`: OpenAI's image events."""
+    docs = sync_generation_docs(
         "openai",
         body=OpenAIImageCreate,
         request_examples=examples.OPENAI_REQUESTS,
         answer_example=examples.OPENAI_ANSWER,
-    ),
+    )
+    docs["responses"][200]["content"]["text/event-stream"] = {
+        # One Server-Sent Event, as SSE-aware tools read a stream: its name and its data.
+        "schema": {
+            "type": "object",
+            "properties": {
+                "event": {"type": "string", "enum": [PARTIAL, COMPLETED, "error"]},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "description": "The event as JSON, its `type` the event's name; `error`: "
+                    "OpenAI's error envelope.",
+                },
+            },
+            "required": ["event", "data"],
+        },
+        **example_media(examples.OPENAI_STREAM_ANSWER),
+    }
+    docs["responses"][200]["description"] = (
+        "The images; with `stream: true`, OpenAI's image event stream instead."
+    )
+    return docs
+
+
+@router.post(
+    "/images/generations",
+    response_model=OpenAIImagesResponse,
+    response_model_exclude_none=True,
+    **_generation_docs(),
     summary="Generate images (OpenAI Images API)",
 )
 async def create_image(
