@@ -163,3 +163,22 @@ def test_generate_file_names() -> None:
     ]
     assert image_paths(None, task_with(1, "jpeg")) == [Path("abc_cv4.jpg")]
     assert image_paths("fox", task_with(1, "webp")) == [Path("fox.webp")]
+
+
+def test_previews_are_sent_when_asked_and_read_back_from_the_task() -> None:
+    assert GenerationRequest(prompt="a cat", previews=2).body()["previews"] == 2
+    task = {
+        "task_id": "t_cv4",
+        "model": "cogview-4",
+        "status": "IN_PROGRESS",
+        "created_at": "2026-12-02T08:00:00Z",
+        "request": {"prompt": "a cat", "size": "512*512", "quality": "hd", "n": 1,
+                    "output_format": "png"},
+        "progress": {"stage": "denoising", "percent": 40},
+        "credits": {"charged": 4, "refunded": 0},
+        "previews": [{"index": 0, "step": 12, "url": "http://h/images/t.webp"}],
+    }  # fmt: skip
+    (preview,) = Task.model_validate(task).previews or []
+    assert (preview.index, preview.step, preview.url) == (0, 12, "http://h/images/t.webp")
+    del task["previews"]
+    assert Task.model_validate(task).previews is None  # a task that asked for none

@@ -36,6 +36,7 @@ class GenerationRequest(_Model):
     output_format: str | None = None
     user_id: str | None = None
     callback_url: str | None = None
+    previews: int | None = None  # partial previews of the first image while it forms, 0..3
 
     def body(self) -> dict[str, Any]:
         """The JSON body: `model` and `prompt`, and every other field that is not None."""
@@ -48,6 +49,14 @@ class Image(_Model):
     height: int
     seed: int
     format: str
+
+
+class Preview(_Model):
+    """A partial preview of a task's first image, decoded after denoising step `step`."""
+
+    index: int
+    step: int
+    url: str
 
 
 class Progress(_Model):
@@ -98,6 +107,7 @@ class Task(_Model):
     error: ErrorInfo | None = None
     batch_id: str | None = None
     batch_index: int | None = None
+    previews: list[Preview] | None = None  # only on a task that asked for previews
 
     @property
     def done(self) -> bool:
