@@ -18,6 +18,7 @@ import {
 
 const PAGE = 100; // the tasks list's largest page
 const POLL_MS = 1000;
+const RUNNING_REFRESH_MS = 2000; // the batch's frames carry counts, not a running task's percent
 const REFRESH_GAP_MS = 250; // at most about four task-page sweeps a second
 const STREAM_TRIES = 3;
 const ERRORS_SHOWN = 20;
@@ -391,6 +392,10 @@ export function setupBatch(shared) {
   }
 
   async function follow(b) {
+    b.ticker = setInterval(() => {
+      if (b.ended || b !== live) clearInterval(b.ticker);
+      else if (b.batch && b.batch.counts && b.batch.counts.running > 0) requestRefresh(b, false);
+    }, RUNNING_REFRESH_MS);
     for (let attempt = 0; attempt < STREAM_TRIES && !b.ended && b === live; attempt++) {
       b.abort = new AbortController();
       try {
@@ -504,6 +509,7 @@ export function setupBatch(shared) {
       wanted: false,
       wantFinal: false,
       downloading: false,
+      ticker: null,
     };
     els.id.textContent = live.id;
     els.line.hidden = false;
