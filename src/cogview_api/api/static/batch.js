@@ -377,6 +377,7 @@ export function setupBatch(shared) {
     els.credits.hidden = false;
     const ended = TERMINAL.has(String(batch.status).toUpperCase());
     els.cancel.disabled = ended;
+    els.download.hidden = false;
     if (!b.downloading) {
       els.download.disabled = false;
       els.download.textContent = downloadLabel(batch);
