@@ -187,9 +187,12 @@ def test_serve_on_postgres_stores_images_in_s3_and_serves_them_back(
             "COGVIEW_DATABASE_URL": pg_cluster.create_database(),
             "COGVIEW_STORAGE_URL": f"s3://{bucket}/cogview",
             "COGVIEW_S3_ENDPOINT_URL": moto_s3.endpoint_url,
+            # The database and the bucket are under test, not the model: the echo engine
+            # (no torch) draws the image.
+            "COGVIEW_MODEL": "test-echo",
         },
     )
-    server = ServerProcess(workdir=tmp_path, env=env).start()
+    server = ServerProcess(workdir=tmp_path, env=env, args=()).start()
     try:
         key = str(server.make_key(credits=40)["key"])
         with httpx.Client(base_url=server.base_url, timeout=90) as client:
