@@ -455,6 +455,39 @@ def test_a_slot_whose_give_back_failed_is_not_renewed(
         limits.close()
 
 
+def test_a_give_back_that_fails_unexpectedly_does_not_escape(
+    api: InProcessApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw driver error while a slot is given back (here its table is gone: an error neither
+    backend's store translates) is logged, not raised into the teardown of the stream or wait
+    that held it; the slot, no longer renewed, lapses with its lease."""
+    from sqlalchemy import text
+
+    from cogview_api.store import follow_slots as slot_store
+
+    made, key = key_service.create_key(api.db, name="teardown", credits=10)
+    limits = FollowLimits(api.db, max_streams=MAX_STREAMS, max_waits=MAX_WAITS, lease_s=0.3)
+    try:
+        slot = limits.take("stream", key)
+        with api.db.write() as conn:
+            conn.execute(text("ALTER TABLE follow_slots RENAME TO follow_slots_away"))
+        try:
+            with caplog.at_level("ERROR", logger="cogview_api.services.follow_limits"):
+                slot.release()
+        finally:
+            with api.db.write() as conn:
+                conn.execute(text("ALTER TABLE follow_slots_away RENAME TO follow_slots"))
+        assert f"could not give back slot {slot.id}" in caplog.text
+
+        def lapsed() -> bool:
+            with api.db.write() as conn:
+                return slot_store.held(conn, key_id=made.id, kind="stream") == 0
+
+        until(lapsed)
+    finally:
+        limits.close()
+
+
 def test_a_take_cancelled_meanwhile_gives_its_slot_back(
     api: InProcessApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -90,6 +90,8 @@ class FollowLimits:
                 slot_store.release(conn, slot_id)
         except CogviewError as exc:  # the database is away: the slot lapses with its lease
             log.warning("could not give back slot %s: %s", slot_id, exc.message)
+        except Exception:  # a raw driver error, a bug: never into a stream's or wait's teardown
+            log.exception("could not give back slot %s; it lapses with its lease", slot_id)
 
     def _renew(self) -> None:
         interval = self._lease.total_seconds() / 3
