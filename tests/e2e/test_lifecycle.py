@@ -1,4 +1,5 @@
-"""SIGTERM to the separate `worker` process and to `serve --http-processes N`, as real
+"""SIGTERM (and SIGINT, Ctrl-C) to the separate `worker` process and SIGTERM to
+`serve --http-processes N`, as real
 processes (issue: hardening, finding 5): stop claiming, finish the batch in hand within the
 grace period or hand it back uncounted, deregister, exit 0. The echo engine stands in for the
 model (not under test), slowed per step so that the signal lands mid-batch."""
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.e2e.test_faults import _task_row, wait_for_stage
 from tests.support import CLI, EXAMPLE_BODY, ServerProcess, auth, server_env
@@ -33,8 +35,10 @@ def submit_and_wait_for_denoising(server: ServerProcess) -> str:
     return task_id
 
 
-def sigterm_worker_mid_task(workdir: Path, env: dict[str, str]) -> tuple[str, str]:
-    """An API-only `serve` and one `worker` process; SIGTERM to the worker mid-task. Returns
+def signal_worker_mid_task(
+    workdir: Path, env: dict[str, str], signum: signal.Signals
+) -> tuple[str, str]:
+    """An API-only `serve` and one `worker` process; `signum` to the worker mid-task. Returns
     (task id, the worker's log) once the worker exited 0. (Finishing within the grace is the
     same `stop_workers` as serve's, tested in test_faults.py.)"""
     api = ServerProcess(workdir=workdir, env=env, args=("--workers", "0"))
@@ -46,7 +50,7 @@ def sigterm_worker_mid_task(workdir: Path, env: dict[str, str]) -> tuple[str, st
         )
     try:
         task_id = submit_and_wait_for_denoising(api)
-        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signum)
         assert worker.wait(timeout=60) == 0, log_path.read_text()
     finally:
         if worker.poll() is None:
@@ -55,11 +59,12 @@ def sigterm_worker_mid_task(workdir: Path, env: dict[str, str]) -> tuple[str, st
     return task_id, log_path.read_text()
 
 
-def test_sigterm_to_a_worker_past_its_grace_hands_the_batch_back_uncounted(
-    tmp_path: Path, tiny_cache: Path
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_to_a_worker_past_its_grace_hands_the_batch_back_uncounted(
+    tmp_path: Path, tiny_cache: Path, signum: signal.Signals
 ) -> None:
     env = server_env(tiny_cache, {**MID_TASK_ENV, **NO_GRACE})
-    task_id, log = sigterm_worker_mid_task(tmp_path, env)
+    task_id, log = signal_worker_mid_task(tmp_path, env, signum)
     assert _task_row(tmp_path, task_id) == ("queued", 0, None)
     assert "1 task(s) back in the queue" in log
 
