@@ -12,6 +12,17 @@ from cogview_api.store.db import Database
 from tests import pg
 from tests.support import TEST_ENV, InProcessApi, in_process_api
 
+# torch runs its CPU kernels on one OpenMP thread per core by default, in every test process at
+# once (each pytest-xdist worker, and each `serve` it starts): with -n 2 on 2 cores that is 4 or
+# more spinning threads on 2 cores, which measured twice the CPU for the same work (the real-engine
+# tests of tests/unit/test_cancel_worker.py: 28 s user by default, 14 s with one thread). So each
+# test process gets its share of the cores, set here before anything imports torch (children
+# inherit it); an OMP_NUM_THREADS of the caller's own wins.
+os.environ.setdefault(
+    "OMP_NUM_THREADS",
+    str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))),
+)
+
 BACKENDS = ["sqlite", "pg"]
 # Each folder under tests/ is a tier, and every test in it carries that tier's marker
 # (registered in pyproject.toml), so that `-m "not e2e"` or `-m unit` select by folder.
