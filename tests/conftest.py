@@ -27,6 +27,11 @@ BACKENDS = ["sqlite", "pg"]
 # Each folder under tests/ is a tier, and every test in it carries that tier's marker
 # (registered in pyproject.toml), so that `-m "not e2e"` or `-m unit` select by folder.
 TIERS = ("unit", "api", "integration", "e2e")
+# The order the tiers run in: slowest modules first (real `serve` processes, the tiny model on
+# the CPU), the many short api modules last. pytest-xdist hands out whole modules (--dist
+# loadfile) in this order as workers free up, so the last ones to start are short and no worker
+# idles at the end while the other runs a long module it took late.
+RUN_ORDER = ("e2e", "unit", "integration", "api")
 TESTS = Path(__file__).parent
 
 
@@ -45,6 +50,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"these tests are in no tier folder, tests/{{{','.join(TIERS)}}}/: "
             + ", ".join(untiered[:5])
         )
+    items.sort(key=_run_order)  # stable: a module's tests keep their order
+
+
+def _run_order(item: pytest.Item) -> int:
+    if not item.path.is_relative_to(TESTS):
+        return len(RUN_ORDER)
+    return RUN_ORDER.index(item.path.relative_to(TESTS).parts[0])
 
 
 @pytest.fixture(scope="session")
