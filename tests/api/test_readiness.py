@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from cogview_api.storage import open_storage
 from cogview_api.store import queue
@@ -21,11 +22,16 @@ def assert_not_ready(r: httpx.Response, reason: str) -> None:
     assert r.json()["error"]["message"] == reason
 
 
-def test_readyz_is_503_while_the_database_refuses_writes(api: InProcessApi) -> None:
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_readyz_is_503_while_the_database_refuses_writes(api: InProcessApi, fault: str) -> None:
+    """An API-only process (no workers of its own, as `serve --workers 0`): a read-only
+    database, or a full one (on SQLite a write that needs a new page fails, while one that
+    changes a row in place still passes), is not ready. On PostgreSQL both are its read-only
+    fault."""
     with api.db.write() as conn:
         queue.register_worker(conn, worker_id="w1", model="tiny", device="cpu")
     assert api.client.get("/readyz").json() == {"status": "ready", "workers": 1}
-    with unwritable(api.db, sqlite_fault="read-only"):
+    with unwritable(api.db, sqlite_fault=fault):
         assert_not_ready(api.client.get("/readyz"), "The database cannot take writes.")
     assert api.client.get("/readyz").status_code == 200  # recovered, same process
 

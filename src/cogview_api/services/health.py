@@ -15,8 +15,9 @@ def ready_workers(db: Database, settings: Settings) -> int:
 
 
 def check_writable(db: Database) -> None:
-    """Raises ServiceUnavailable unless the database takes a write now: a write transaction
-    with a statement that changes nothing (refused all the same by a read-only SQLite file or
-    PostgreSQL server; a full disk shows in the workers' failing heartbeats instead)."""
+    """Raises ServiceUnavailable unless the database takes a write now, in this process
+    whether or not it runs workers: a write that leaves nothing behind, refused by a read-only
+    SQLite file or PostgreSQL server, and on SQLite one that needs new pages, refused by a full
+    database or disk (`queue.touch`)."""
     with db.write() as conn:
         queue.touch(conn)

@@ -223,9 +223,31 @@ def heartbeat_worker(conn: Connection, *, worker_id: str) -> bool:
     return bool(updated)
 
 
+# More than a page of SQLite (4 KiB by default, 64 KiB at most): a row this long needs pages of
+# its own.
+_PROBE_ROW_BYTES = 70_000
+
+
 def touch(conn: Connection) -> None:
-    """A write that changes no row: to learn whether the database takes writes."""
-    conn.execute(update(workers).where(workers.c.id == "").values(heartbeat_at=utcnow()))
+    """A write that leaves nothing behind, to learn whether the database takes writes now.
+    PostgreSQL refuses any write in a read-only transaction, so there a write that changes no
+    row tells. SQLite runs such a write, and one that changes a row in place, on a database
+    that cannot grow ("database or disk is full"): there a row longer than a page is inserted,
+    which must be given new pages, under a savepoint that is then rolled back."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(update(workers).where(workers.c.id == "").values(heartbeat_at=utcnow()))
+        return
+    now = utcnow()
+    savepoint = conn.begin_nested()
+    # Refused: SQLite has ended the whole transaction (the savepoint with it), so the error goes
+    # up as it is and the caller's transaction rolls back.
+    conn.execute(
+        insert(workers).values(
+            id="", model="x" * _PROBE_ROW_BYTES, device="", ready=False,
+            started_at=now, heartbeat_at=now,
+        )
+    )  # fmt: skip
+    savepoint.rollback()
 
 
 def prune_workers(conn: Connection, *, stale_seconds: float) -> int:
