@@ -36,6 +36,25 @@ def test_readyz_is_503_while_the_database_refuses_writes(api: InProcessApi, faul
     assert api.client.get("/readyz").status_code == 200  # recovered, same process
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_readyz_is_503_while_the_sqlite_disk_is_nearly_full(
+    api: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writability probe is rolled back, so it never reaches the disk: the free space on
+    the database file's disk is read as well. Here the floor is raised above what is free."""
+    from cogview_api.services import health
+
+    with api.db.write() as conn:
+        queue.register_worker(conn, worker_id="w1", model="tiny", device="cpu")
+    assert api.client.get("/readyz").status_code == 200
+    free = api.db.disk_free()
+    assert free is not None
+    monkeypatch.setattr(health, "MIN_FREE_BYTES", free + (1 << 30))
+    assert_not_ready(api.client.get("/readyz"), "The database cannot take writes.")
+    monkeypatch.undo()
+    assert api.client.get("/readyz").status_code == 200
+
+
 def test_readyz_counts_this_process_live_workers(api: InProcessApi) -> None:
     with api.db.write() as conn:  # a worker elsewhere does not make this process ready
         queue.register_worker(conn, worker_id="elsewhere", model="tiny", device="cpu")

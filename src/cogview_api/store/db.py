@@ -9,6 +9,7 @@ guarded balance update and the `FOR UPDATE SKIP LOCKED` claims are correct at th
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -142,6 +143,14 @@ class Database:
             return True
         except ServiceUnavailable:
             return False
+
+    def disk_free(self) -> int | None:
+        """Bytes this process may still write on the file system that holds a SQLite database
+        file; None for a server database (or SQLite in memory)."""
+        database = make_url(self.url).database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        return shutil.disk_usage(Path(database).parent).free
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
