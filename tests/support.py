@@ -340,3 +340,26 @@ def unwritable(db: Database, *, sqlite_fault: str = "full") -> Iterator[None]:
         yield
     finally:
         read_only(False)
+
+
+# The npm package the Node SDK tests install, pinned (scripts/test.sh installs node and npm).
+OPENAI_NODE = "openai@7.59.0"
+
+
+def install_node_openai() -> Path:
+    """A folder with the pinned `openai` npm package, installed once per machine into the
+    user's cache (`$XDG_CACHE_HOME` or ~/.cache, `cogview-api-tests/`). A script written
+    beside its node_modules can `import OpenAI from 'openai'`."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "node and npm are needed (scripts/test.sh installs them)"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "cogview-api-tests" / f"node-{OPENAI_NODE.replace('@', '-')}"
+    if not (folder / "node_modules" / "openai" / "package.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(folder)]
+            + [OPENAI_NODE],
+            check=True,
+            timeout=300,
+        )
+    return folder

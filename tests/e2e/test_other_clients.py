@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +18,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ServerProcess, auth, server_env
+from tests.support import ServerProcess, auth, install_node_openai, server_env
 
 # LiteLLM fetches its model price map from GitHub at import unless told to use its own copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-# The npm package the Node test installs, pinned (scripts/test.sh installs node and npm).
-OPENAI_NODE = "openai@7.59.0"
 PROMPT = "A lighthouse on a cliff at dawn, watercolor"
 
 # Partial images and the completed image through the SDK's own `for await` iterator, then a
@@ -67,21 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterat
 
 @pytest.fixture(scope="module")
 def node_openai() -> Path:
-    """A folder with the pinned `openai` npm package, installed once per machine into the
-    user's cache (`$XDG_CACHE_HOME` or ~/.cache, `cogview-api-tests/`)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    assert node and npm, "node and npm are needed (scripts/test.sh installs them)"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "cogview-api-tests" / f"node-{OPENAI_NODE.replace('@', '-')}"
-    if not (folder / "node_modules" / "openai" / "package.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(folder)]
-            + [OPENAI_NODE],
-            check=True,
-            timeout=300,
-        )
-    return folder
+    return install_node_openai()
 
 
 def decode(b64: str) -> Image.Image:

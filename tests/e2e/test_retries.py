@@ -1,11 +1,15 @@
-"""The official `openai` and `zhipuai` SDKs with a 1 s timeout, against a `serve` whose
-generation takes longer: each SDK's own retries land on the first task, which is charged once,
-and the last attempt gets its images (docs/api.md, "Retries"). Two deliberate identical calls
-are still two tasks. The echo engine stands in for the model (not under test), slowed per step."""
+"""The official `openai` (Python and Node) and `zhipuai` SDKs, and LiteLLM, with a 1 s
+timeout, against a `serve` whose generation takes longer: each SDK's own retries land on the
+first task, which is charged once, and the last attempt gets its images (docs/api.md,
+"Retries"). Two deliberate identical calls are still two tasks. The echo engine stands in for
+the model (not under test), slowed per step."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 import zhipuai
 from PIL import Image
 
-from tests.support import ServerProcess, auth, server_env
+from tests.support import ServerProcess, auth, install_node_openai, server_env
 
 PROMPT = "A lighthouse on a cliff at dawn, watercolor"
 PRICE = 4
@@ -110,6 +114,71 @@ def test_zhipu_sdk_retries_after_its_timeout_join_one_task_charged_once(
     assert_image(image.url)
     (task,) = tasks_of(native, key)
     assert task["status"] == "COMPLETED" and task["images"][0]["url"] == image.url
+    assert balance(native, key) == 100 - PRICE
+
+
+# The Node SDK's own retries (it marks them with X-Stainless-Retry-Count, as the Python SDK does).
+NODE_RETRY_SCRIPT = """
+import OpenAI from 'openai';
+const [baseURL, apiKey, prompt, timeout, maxRetries] = process.argv.slice(2);
+const client = new OpenAI({
+  baseURL, apiKey, timeout: Number(timeout), maxRetries: Number(maxRetries),
+});
+const { data, response } = await client.images
+  .generate({ model: 'cogview-4', prompt, size: '1024x1024' })
+  .withResponse();
+const replayed = response.headers.get('idempotent-replayed');
+console.log(JSON.stringify({ url: data.data[0].url, replayed }));
+"""
+
+
+def test_openai_node_sdk_retries_after_its_timeout_join_one_task_charged_once(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    key = new_key(server)
+    script = install_node_openai() / "retry.mjs"  # beside node_modules, where 'openai' is found
+    script.write_text(NODE_RETRY_SCRIPT)
+    run = subprocess.run(
+        ["node", str(script), server.base_url + "/v1", key, PROMPT]
+        + [str(int(TIMEOUT * 1000)), str(RETRIES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["replayed"] == "true"  # the answer went to a retry, which joined the first task
+    assert_image(out["url"])
+    (task,) = tasks_of(native, key)
+    assert task["status"] == "COMPLETED" and task["images"][0]["url"] == out["url"]
+    assert balance(native, key) == 100 - PRICE
+
+
+def test_litellm_retries_after_its_timeout_join_one_task_charged_once(
+    server: ServerProcess, native: httpx.Client
+) -> None:
+    """LiteLLM's `openai/` provider: its retries (the OpenAI SDK's, under it) join the first
+    task as the SDK's own do."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from GitHub
+    import litellm
+
+    key = new_key(server)
+    started = time.monotonic()
+    response = litellm.image_generation(
+        model="openai/cogview-4",
+        prompt=PROMPT,
+        api_base=server.base_url + "/v1",
+        api_key=key,
+        size="1024x1024",
+        timeout=TIMEOUT,
+        max_retries=RETRIES,
+    )
+    assert time.monotonic() - started > TIMEOUT  # so an attempt timed out and was retried
+    (item,) = response.data
+    assert item.url
+    assert_image(str(item.url))
+    (task,) = tasks_of(native, key)
+    assert task["status"] == "COMPLETED" and task["images"][0]["url"] == item.url
     assert balance(native, key) == 100 - PRICE
 
 
