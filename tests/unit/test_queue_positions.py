@@ -144,7 +144,7 @@ def as_batch_class(db: Database, ids: list[str]) -> None:
 def test_an_interactive_task_goes_before_fifty_batch_tasks(
     db: Database, settings: Settings, same_key: bool
 ) -> None:
-    settings = settings.model_copy(update={"max_batch_size": 4})
+    settings = settings.model_copy(update={"max_batch_size": 4, "submit_rate": 0.0})
     bulk, _ = key_service.create_key(db, name="bulk", credits=10_000)
     user = bulk if same_key else key_service.create_key(db, name="user", credits=100)[0]
     batch = [

@@ -96,11 +96,11 @@ class CrashingWorker(Worker):
 
     crashes = 2
 
-    def run_once(self) -> bool:
+    def poll(self) -> bool:
         if self.crashes:
             self.crashes -= 1
             raise RuntimeError("a bug in the claim loop")
-        return super().run_once()
+        return super().poll()
 
 
 def test_a_crashed_worker_loop_is_restarted_with_backoff_and_logged(

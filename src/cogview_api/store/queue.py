@@ -17,13 +17,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, case, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, case, delete, func, insert, literal, select, update
 
 from cogview_api.clock import utcnow
-from cogview_api.domain import BatchKey, Stage, TaskState
+from cogview_api.domain import BatchKey, Stage, Task, TaskState
 from cogview_api.store.notify import announce, announce_change
 from cogview_api.store.tables import tasks, workers
-from cogview_api.store.tasks import fail_task
+from cogview_api.store.tasks import fail_task, task_of_row
 
 
 def claim_batch(
@@ -35,94 +35,139 @@ def claim_batch(
     recent: Mapping[str, int] | None = None,
     batch_key: BatchKey | None = None,
 ) -> list[str]:
-    """Claim up to `limit` waiting tasks of one batch key, fairly between API keys.
+    """The ids of `claim_tasks`, in batch order."""
+    claimed = claim_tasks(
+        conn,
+        worker_id=worker_id,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        recent=recent,
+        batch_key=batch_key,
+    )
+    return [t.id for t in claimed]
+
+
+def claim_tasks(
+    conn: Connection,
+    *,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    recent: Mapping[str, int] | None = None,
+    batch_key: BatchKey | None = None,
+) -> list[Task]:
+    """Claim up to `limit` waiting tasks of one batch key, fairly between API keys, in one
+    statement (`UPDATE ... RETURNING` the claimed rows, as they are after the claim).
 
     Each API key's load is its RUNNING tasks (all workers) plus `recent`: how many of its tasks
     this worker's previous batch ran (a single worker would otherwise see every key at load 0
-    after each batch and go back to the oldest task, the heavy key's). In the lowest priority
-    class with tasks waiting, the key with the least load, then the oldest waiting task, picks
+    after each batch and go back to the oldest task, the heavy key's). The first waiting task
+    by (priority class, its key's load, seq), the lowest class's least-loaded key's oldest, picks
     the batch key; the batch then takes that batch key's waiting tasks by (their class, their
     key's load, seq): a later class's tasks only fill the room the earlier class leaves. With
-    `batch_key`, only tasks of that key are taken (topping up a batch). Returns the ids in
+    `batch_key`, only tasks of that key are taken (topping up a batch). Returns the tasks in
     batch order.
+
+    On PostgreSQL both picks lock with `FOR UPDATE SKIP LOCKED`, so concurrent claims take
+    disjoint tasks without waiting on each other (a head another claim holds is passed over for
+    the next task in order); on SQLite the caller's write transaction (`BEGIN IMMEDIATE`) holds
+    the one writer lock for this one statement.
     """
-    load: dict[str, int] = dict(recent or {})
-    running = conn.execute(
-        select(tasks.c.key_id, func.count())
+    load = (
+        select(tasks.c.key_id, func.count().label("n"))
         .where(tasks.c.state == TaskState.RUNNING)
         .group_by(tasks.c.key_id)
-    ).all()
-    for key_id, count in running:
-        load[key_id] = load.get(key_id, 0) + int(count)
+        .cte("load")
+    )
+    weight: Any = func.coalesce(load.c.n, 0)
+    if recent:
+        weight = weight + case(dict(recent), value=tasks.c.key_id, else_=0)
+    queued = tasks.outerjoin(load, load.c.key_id == tasks.c.key_id)
     if batch_key is None:
-        batch_key = _pick_batch_key(conn, load)
-        if batch_key is None:
-            return []
-    order: list[Any] = [tasks.c.priority, tasks.c.seq]
-    if load:  # within a class, lighter keys' tasks first
-        order.insert(1, case(load, value=tasks.c.key_id, else_=0))
-    ids = list(
-        conn.execute(
-            select(tasks.c.id)
-            .where(
-                tasks.c.state == TaskState.QUEUED,
-                tasks.c.width == batch_key.width,
-                tasks.c.height == batch_key.height,
-                tasks.c.steps == batch_key.steps,
-                tasks.c.guidance_scale == batch_key.guidance_scale,
-            )
-            .order_by(*order)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).scalars()
+        head = _head(queued, weight).cte("head")
+        same_shape = [col == head.c[col.name] for col in _SHAPE]
+        source = queued.join(head, and_(*same_shape))
+    else:
+        source = queued
+        same_shape = [
+            col == value for col, value in zip(_SHAPE, _shape_values(batch_key), strict=True)
+        ]
+    batch = (
+        select(tasks.c.id, weight.label("weight"))
+        .select_from(source)
+        .where(tasks.c.state == TaskState.QUEUED, *same_shape)
+        .order_by(tasks.c.priority, weight, tasks.c.seq)
+        .limit(limit)
+        .with_for_update(of=tasks, skip_locked=True)
     )
-    if not ids:
-        return []
     now = utcnow()
-    conn.execute(
-        update(tasks)
-        .where(tasks.c.id.in_(ids), tasks.c.state == TaskState.QUEUED)
-        .values(
-            state=TaskState.RUNNING,
-            stage=Stage.ENCODING,
-            step=0,
-            worker_id=worker_id,
-            attempts=tasks.c.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-        )
+    running = update(tasks).values(
+        state=TaskState.RUNNING,
+        stage=Stage.ENCODING,
+        step=0,
+        worker_id=worker_id,
+        attempts=tasks.c.attempts + 1,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        started_at=now,
     )
+    if conn.dialect.name == "postgresql":
+        taken = batch.cte("batch")
+        rows = conn.execute(
+            running.where(tasks.c.id == taken.c.id).returning(*tasks.c, taken.c.weight)
+        ).all()
+        weights = {r.id: r.weight for r in rows}
+    else:
+        # SQLite's RETURNING cannot name an UPDATE's FROM table: the picks are read first, in
+        # the same write transaction (the one writer lock is held from its BEGIN IMMEDIATE).
+        weights = {r.id: r.weight for r in conn.execute(batch)}
+        rows = conn.execute(running.where(tasks.c.id.in_(list(weights))).returning(*tasks.c)).all()
+    if not rows:
+        return []
     announce_change(conn)  # the claimed tasks run, and those behind them move up
-    return ids
+    ordered = sorted(rows, key=lambda r: (r.priority, weights[r.id], r.seq))
+    return [task_of_row(r._mapping) for r in ordered]
+
+
+def _head(source: Any, weight: Any) -> Any:
+    """The batch key of the first waiting task by (class, its key's `weight`, seq), locked."""
+    return (
+        select(*_SHAPE)
+        .select_from(source)
+        .where(tasks.c.state == TaskState.QUEUED)
+        .order_by(tasks.c.priority, weight, tasks.c.seq)
+        .limit(1)
+        .with_for_update(of=tasks, skip_locked=True)
+    )
 
 
 def _pick_batch_key(conn: Connection, load: Mapping[str, int]) -> BatchKey | None:
-    """The batch key of the oldest waiting task of the least-loaded API key that has one, in the
-    lowest priority class with tasks waiting.
+    """The batch key a claim would pick with these loads (every key not named: 0)."""
+    weight = case(dict(load), value=tasks.c.key_id, else_=0) if load else literal(0)
+    row = conn.execute(_head(tasks, weight)).first()
+    return None if row is None else BatchKey(*row)
 
-    Another worker's claim may hold that task's row (PostgreSQL, SKIP LOCKED): then the next
-    key in order is tried.
-    """
-    heads = conn.execute(
-        select(tasks.c.priority, tasks.c.key_id, func.min(tasks.c.seq))
-        .where(tasks.c.state == TaskState.QUEUED)
-        .group_by(tasks.c.priority, tasks.c.key_id)
-    ).all()
-    for priority, key_id, _ in sorted(heads, key=lambda h: (h[0], load.get(h[1], 0), h[2])):
-        head = conn.execute(
-            select(tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
-            .where(
-                tasks.c.state == TaskState.QUEUED,
-                tasks.c.priority == priority,
-                tasks.c.key_id == key_id,
-            )
-            .order_by(tasks.c.seq)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).first()
-        if head is not None:
-            return BatchKey(head.width, head.height, head.steps, head.guidance_scale)
-    return None
+
+_SHAPE = (tasks.c.width, tasks.c.height, tasks.c.steps, tasks.c.guidance_scale)
+
+
+def _shape_values(key: BatchKey) -> tuple[int, int, int, float]:
+    return (key.width, key.height, key.steps, key.guidance_scale)
+
+
+# The advisory lock of the shared housekeeping (PostgreSQL): one process at a time reclaims
+# leases, prunes workers and deletes expired images. Any fixed 64-bit number.
+HOUSEKEEPING_LOCK = 0x636F_6776_6965_7701
+
+
+def take_housekeeping_lock(conn: Connection) -> bool:
+    """Whether this transaction may do the shared housekeeping: on PostgreSQL a transaction
+    advisory lock, False at once while another process holds it (it is released at commit);
+    SQLite's write transaction already holds the one writer lock: True."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(
+        conn.execute(select(func.pg_try_advisory_xact_lock(HOUSEKEEPING_LOCK))).scalar_one()
+    )
 
 
 def renew_leases(

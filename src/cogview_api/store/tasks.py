@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -544,6 +544,39 @@ def set_progress(
     return True
 
 
+def record_progress(
+    conn: Connection, *, worker_id: str, progress: Mapping[str, tuple[Stage, int | None]]
+) -> set[str]:
+    """Record the stage (and step, where not None) of several running tasks of one worker in
+    the caller's one transaction: one `UPDATE ... RETURNING id` per distinct (stage, step), so
+    one for a batch whose tasks step together. Returns the ids this worker still holds; a task
+    left out was cancelled, or its lease lapsed and it went back to the queue or to another
+    worker, and must stop."""
+    by_value: dict[tuple[Stage, int | None], list[str]] = {}
+    for task_id, value in progress.items():
+        by_value.setdefault(value, []).append(task_id)
+    held: set[str] = set()
+    for (stage, step), ids in by_value.items():
+        values: dict[str, Any] = {"stage": stage}
+        if step is not None:
+            values["step"] = step
+        held.update(
+            conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.id.in_(ids),
+                    tasks.c.state == TaskState.RUNNING,
+                    tasks.c.worker_id == worker_id,
+                )
+                .values(**values)
+                .returning(tasks.c.id)
+            ).scalars()
+        )
+    if held:
+        announce_change(conn)
+    return held
+
+
 def expired_images(conn: Connection, now: datetime, limit: int = 500) -> list[tuple[str, str]]:
     """(token, storage key) of up to `limit` images, and as many previews, past their retention
     whose files are still to be deleted."""
@@ -624,6 +657,11 @@ def _image(r: Any) -> ImageRecord:
         format=r.format,
         storage_key=r.storage_key,
     )
+
+
+def task_of_row(m: Any) -> Task:
+    """The task of a mapping of `tasks` columns (a claim's RETURNING row), without images."""
+    return _task(m, ())
 
 
 def _task(m: Any, imgs: tuple[ImageRecord, ...]) -> Task:

@@ -3,11 +3,19 @@
 One worker drives one engine (one GPU). It can run as a thread inside `cogview-api serve` or
 as its own process (`cogview-api worker`); either way all coordination goes through the
 database, so any number of workers and API processes can share one queue.
+
+The GPU should never wait on anything but the queue:
+- a finished batch is stored and recorded by the settle stage (worker/settle.py) on its own
+  thread while the next batch is claimed and denoised, one batch settling at a time;
+- progress is one write per step for the whole batch (worker/progress.py);
+- housekeeping (heartbeat, lapsed leases, dead workers' rows, retention, orphaned files) runs
+  on its own timer (worker/housekeeping.py), not between batches;
+- an idle worker looks at the queue with a read (the waiting-tasks counter) and claims, a
+  write, only when something waits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import socket
@@ -18,27 +26,25 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from cogview_api.clock import utcnow
 from cogview_api.config import Settings
-from cogview_api.domain import BatchKey, ImageRecord, Stage, Task, new_image_token
+from cogview_api.domain import BatchKey, ImageRecord, Stage, Task
 from cogview_api.engine import Engine, EngineJob
 from cogview_api.errors import CogviewError, EngineError
 from cogview_api.log_context import task_context
-from cogview_api.media import CONTENT_TYPES
 from cogview_api.storage import ImageStorage
 from cogview_api.store import queue
 from cogview_api.store import tasks as task_store
 from cogview_api.store.db import Database
-from cogview_api.worker.encode import encode_image
+from cogview_api.worker.housekeeping import HousekeepingTimer, housekeep
 from cogview_api.worker.metering import BatchMeter
 from cogview_api.worker.previews import PreviewWriter
+from cogview_api.worker.progress import BatchProgress
+from cogview_api.worker.settle import SettleStage, result_count_error
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
-
-CLEANUP_EVERY_S = 300.0
 
 
 def new_worker_id() -> str:
@@ -73,31 +79,37 @@ class Worker:
         # next poll: by an API in the same process on submit, and on PostgreSQL by the
         # process's LISTEN connection (store/notify.py). The poll stays as the fallback.
         self.wake = threading.Event()
-        self._last_cleanup = 0.0
+        self._last_cleanup = 0.0  # time.monotonic() of this process's last retention pass
         # API key -> tasks of it in this worker's previous batch: the claim's fairness load.
         self._recent: dict[str, int] = {}
-        # Images stored for a task whose settling write failed; see _sweep_unrecorded.
+        # Images stored for a task whose settling write failed; see housekeeping.py.
         self._unrecorded: list[ImageRecord] = []
-        self._meter: BatchMeter | None = None  # the batch in hand's, for the metrics
+        self._unrecorded_lock = threading.Lock()
+        self._steps: BatchProgress | None = None  # the batch in the engine's
+        self._meter: BatchMeter | None = None  # the batch in the engine's, for the metrics
+        self.settler = SettleStage(self)
         # Registered and its last housekeeping write went through: what /readyz counts.
         self.healthy = False
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Claim and run batches until `stop` is set. Never raises for one bad task (it fails
-        that task), nor for a database that is unavailable or cannot be written (it tries
-        again, backing off at the start); other errors are bugs, raised after deregistering,
-        for `WorkerThread` to restart the loop with a backoff."""
+        """Claim and run batches until `stop` is set, each batch settling while the next one
+        runs. Never raises for one bad task (it fails that task), nor for a database that is
+        unavailable or cannot be written (it tries again, backing off at the start); other
+        errors are bugs, raised after deregistering, for `WorkerThread` to restart the loop
+        with a backoff. On stop, the batch settling is finished before the worker goes."""
         if not self._register():
             return
+        timer = HousekeepingTimer(self)
         try:
+            timer.start()  # its first pass at once, beside the first claim
             while not self.stop.is_set():
                 # Cleared before the claim looks at the queue, so a wake-up that arrives while
                 # it runs is not lost: the wait below then returns at once.
                 self.wake.clear()
                 try:
-                    worked = self.run_once()
+                    worked = self.poll()
                 except CogviewError as exc:  # database briefly unavailable, and the like
                     log.warning("worker %s: %s", self.id, exc.message)
                     self.healthy = False
@@ -106,9 +118,13 @@ class Worker:
                 # thread's supervisor (worker/supervisor.py) logs it and starts the loop
                 # again after a backoff; leases protect the tasks.
                 if not worked:
+                    self.settler.drain()  # idle: nothing to overlap with
                     self.wake.wait(self.settings.poll_interval)
         finally:
             self.healthy = False
+            timer.stop()
+            self.healthy = False  # again: a pass that was under way may have set it
+            self.settler.drain()  # SIGTERM: the batch settling is stored and recorded
             try:
                 with self.db.write() as conn:
                     queue.unregister_worker(conn, worker_id=self.id)
@@ -139,46 +155,58 @@ class Worker:
         return False
 
     def shutdown(self) -> None:
-        """Stop claiming; the batch in hand runs on (see `hand_back`)."""
+        """Stop claiming; the batch in hand runs on and settles (see `hand_back`)."""
         self.stop.set()
         self.wake.set()
 
     def hand_back(self) -> int:
-        """The batch in hand back to the queue, uncounted, and this worker's row gone: for a
-        shutdown whose grace ran out. Returns how many tasks went back."""
+        """The batches in hand (running and settling) back to the queue, uncounted, and this
+        worker's row gone: for a shutdown whose grace ran out. Returns how many tasks went back."""
         with self.db.write() as conn:
             released = queue.release_worker_tasks(conn, worker_id=self.id)
             queue.unregister_worker(conn, worker_id=self.id)
         return released
 
+    def housekeep(self) -> None:
+        """One housekeeping pass (worker/housekeeping.py); the timer runs it in `run`."""
+        housekeep(self)
+
     def run_once(self) -> bool:
-        """One pass: housekeeping, then at most one batch. True if a batch ran."""
+        """One whole pass, in this thread: housekeeping, then at most one batch, stored and
+        recorded before it returns. True if a batch ran."""
+        self.housekeep()
+        worked = self._claim_and_run()
+        self.settler.drain()
+        return worked
+
+    def poll(self) -> bool:
+        """The loop's pass: if any task waits, claim a batch and run it, its settling left to
+        the settle stage. Whether anything waits is a read of the waiting-tasks counter, so an
+        idle worker's poll never takes the write lock (SQLite) nor a row lock (PostgreSQL).
+        True if a batch ran."""
+        with self.db.read() as conn:
+            if task_store.waiting_tasks(conn) == 0:
+                return False
+        return self._claim_and_run()
+
+    def _claim_and_run(self) -> bool:
+        """Claim a batch and run it through the engine, its settling handed to the settle
+        stage. True if a batch ran."""
         with self.db.write() as conn:
-            if not queue.heartbeat_worker(conn, worker_id=self.id):
-                log.warning("worker %s: its row was pruned; registering again", self.id)
-                queue.register_worker(
-                    conn, worker_id=self.id, model=self.engine.name, device=self.engine.device
-                )
-            queue.prune_workers(conn, stale_seconds=self.settings.worker_stale_seconds)
-            queue.reclaim_expired(conn)
-        self.healthy = True
-        self._sweep_unrecorded()
-        self._cleanup_expired_images()
-        with self.db.write() as conn:
-            ids = queue.claim_batch(
+            batch = queue.claim_tasks(
                 conn,
                 worker_id=self.id,
                 limit=self.settings.max_batch_size,
                 lease_seconds=self.settings.lease_seconds,
                 recent=self._recent,
             )
-        if not ids:
+        self.healthy = True
+        if not batch:
             self._recent = {}  # an idle spell: nobody is owed a turn
             return False
-        batch = self._load(ids)
         batch += self._top_up(batch)
         self._recent = dict(Counter(t.key_id for t in batch))
-        self.run_batch(batch)
+        self._run_batch(batch)
         return True
 
     def _top_up(self, batch: Sequence[Task]) -> list[Task]:
@@ -191,7 +219,7 @@ class Worker:
             return []
         key = BatchKey.of(batch[0])
         deadline = time.monotonic() + self.settings.batch_timeout
-        more: list[str] = []
+        more: list[Task] = []
         while room > 0 and not self.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -202,7 +230,7 @@ class Worker:
             self.wake.clear()
             try:
                 with self.db.write() as conn:
-                    got = queue.claim_batch(
+                    got = queue.claim_tasks(
                         conn,
                         worker_id=self.id,
                         limit=room,
@@ -214,19 +242,23 @@ class Worker:
                 break
             more += got
             room -= len(got)
-        return self._load(more)
-
-    def _load(self, ids: Sequence[str]) -> list[Task]:
-        if not ids:
-            return []
-        with self.db.read() as conn:
-            return [task_store.get_task(conn, task_id) for task_id in ids]
+        return more
 
     # -- one batch ------------------------------------------------------------------------
 
     def run_batch(self, batch: Sequence[Task]) -> None:
+        """Run a claimed batch and settle it, before returning."""
+        self._run_batch(batch)
+        self.settler.drain()
+
+    def _run_batch(self, batch: Sequence[Task]) -> None:
+        """Run a claimed batch through the engine and hand its results to the settle stage
+        (which waits for the batch before it first). Its leases are renewed until it settles."""
         ids = [t.id for t in batch]
-        self._meter = BatchMeter(batch)
+        meter = self._meter = BatchMeter(batch)
+        self._steps = BatchProgress(
+            db=self.db, worker_id=self.id, task_ids=ids, on_changed=self._changed
+        )
         renewer = _LeaseRenewer(self, ids)
         renewer.start()
         started = time.monotonic()
@@ -234,31 +266,33 @@ class Worker:
             jobs = [EngineJob.from_task(t) for t in batch]
             try:
                 results = self._generate(jobs, batch)
+                self._steps.flush()
+                wrong = result_count_error(batch, results)
             except EngineError as exc:
-                for t in batch:
-                    with task_context(t.id, t.request_id):
-                        log.warning("engine failed on this task's batch: %s", exc.message)
-                        self._fail(t, exc.message)
-                        self._log_done(t, "failed", started, len(batch))
-                return
+                wrong = exc.message
+                log.warning("engine failed on batch %s: %s", ids, exc.message)
             except Exception:  # a bug in the engine must not take the worker down
                 log.exception("unexpected engine failure on batch %s", ids)
-                for t in batch:
-                    with task_context(t.id, t.request_id):
-                        log.error("engine failed on this task's batch (traceback above)")
-                        self._fail(t, "The engine failed on this task.")
-                        self._log_done(t, "failed", started, len(batch))
+                wrong = "The engine failed on this task."
+            if wrong is not None:
+                self._fail_batch(batch, wrong, meter, started)
+                renewer.stop()
                 return
-            for task, imgs in zip(batch, results, strict=True):
-                with task_context(task.id, task.request_id):
-                    if imgs:
-                        outcome = self._finish(task, imgs)
-                    else:  # the engine stopped it: cancelled, or its lease went to another worker
-                        log.info("task %s stopped: no longer held by worker %s", task.id, self.id)
-                        outcome = "stopped"
-                    self._log_done(task, outcome, started, len(batch))
-        finally:
+        except BaseException:
             renewer.stop()
+            raise
+        finally:
+            self._steps = self._meter = None
+        self.settler.submit(batch, results, meter=meter, done=renewer.stop, started=started)
+
+    def _fail_batch(
+        self, batch: Sequence[Task], message: str, meter: BatchMeter, started: float
+    ) -> None:
+        for t in batch:
+            with task_context(t.id, t.request_id):
+                log.warning("engine failed on this task's batch: %s", message)
+                self._fail(t, message, meter)
+                self._log_done(t, "failed", started, len(batch))
 
     def _generate(self, jobs: Sequence[EngineJob], batch: Sequence[Task]) -> list[list[Image]]:
         """The engine's call, with a preview writer when a task of the batch asked for any."""
@@ -305,92 +339,16 @@ class Worker:
         )
 
     def _progress(self, task_id: str, stage: str, step: int) -> bool:
-        """Record a step. False when the task is no longer this worker's to run (cancelled, or
-        its lease lapsed): the fenced write then matches no row, and the engine stops."""
+        """The engine's per-step callback. Records the step (one write per step for the whole
+        batch, worker/progress.py); False when the task is no longer this worker's to run
+        (cancelled, or its lease lapsed): the engine then stops it."""
         if self._meter is not None:
             self._meter.step(task_id)
-        try:
-            with self.db.write() as conn:
-                held = task_store.set_progress(
-                    conn, task_id=task_id, worker_id=self.id, stage=Stage(stage), step=step
-                )
-        except CogviewError as exc:  # a missed progress write is no reason to stop the task
-            log.warning("progress of task %s not recorded: %s", task_id, exc.message)
+        if self._steps is None:  # not inside a batch: nothing to record
             return True
-        if held:
-            self._changed(task_id)
-        return held
+        return self._steps.report(task_id, Stage(stage), step)
 
-    def _finish(self, task: Task, imgs: Sequence[Image]) -> str:
-        """Store the images and complete the task; returns the outcome for the task's line."""
-        records: list[ImageRecord] = []
-        try:
-            with self.db.write() as conn:
-                held = task_store.set_progress(
-                    conn, task_id=task.id, worker_id=self.id, stage=Stage.SAVING
-                )
-            if not held:  # cancelled (or lease lost) while decoding: store nothing
-                log.info("task %s stopped before saving: no longer held by %s", task.id, self.id)
-                return "stopped"
-            storing = time.perf_counter()
-            for index, (image, seed) in enumerate(zip(imgs, task.seeds, strict=True)):
-                token = new_image_token()
-                key = f"{task.created_at:%Y/%m/%d}/{task.id}/{index}-{token}.{task.output_format}"
-                data = encode_image(image, task.output_format, task.output_compression)
-                self.storage.put(key, data, CONTENT_TYPES[task.output_format])
-                records.append(
-                    ImageRecord(
-                        token=token,
-                        index=index,
-                        width=image.width,
-                        height=image.height,
-                        seed=seed,
-                        format=task.output_format,
-                        storage_key=key,
-                        size_bytes=len(data),
-                        sha256=hashlib.sha256(data).hexdigest(),
-                    )
-                )
-            with self.db.write() as conn:
-                done = task_store.complete_task(
-                    conn,
-                    task_id=task.id,
-                    worker_id=self.id,
-                    records=records,
-                    retention=timedelta(days=self.settings.retention_days),
-                )
-            if not done:  # cancelled or lost the lease meanwhile: the files are nobody's
-                for r in records:
-                    self.storage.delete(r.storage_key)
-            elif self._meter is not None:
-                self._meter.stored(time.perf_counter() - storing)
-                self._meter.completed(task)
-            self._changed(task.id)
-            return "completed" if done else "stopped"
-        except Exception:
-            log.exception("could not store the images of task %s", task.id)
-            # Files written, but was the task settled with them? A database that dropped the
-            # connection may or may not have committed; decided at the next look (_sweep).
-            self._unrecorded.extend(records)
-            self._fail(task, "The images could not be stored.")
-            return "failed"
-
-    def _sweep_unrecorded(self) -> None:
-        """Delete stored files whose task was not completed with them (the completing write
-        failed: database down, say), once the database answers again. A file whose image row
-        exists stays: the commit went through after all."""
-        if not self._unrecorded:
-            return
-        with self.db.read() as conn:  # raises while the database is down: try again later
-            orphans = [r for r in self._unrecorded if task_store.find_image(conn, r.token) is None]
-        self._unrecorded = []
-        for r in orphans:
-            try:
-                self.storage.delete(r.storage_key)
-            except Exception:  # noqa: BLE001 - a leftover file is no reason to stop the worker
-                log.warning("could not delete the unrecorded image file %s", r.storage_key)
-
-    def _fail(self, task: Task, message: str) -> None:
+    def _fail(self, task: Task, message: str, meter: BatchMeter | None = None) -> None:
         try:
             with self.db.write() as conn:
                 failed = task_store.fail_task(
@@ -404,30 +362,28 @@ class Worker:
         except CogviewError:
             log.exception("could not mark task %s failed; its lease will run out", task.id)
         else:
-            if failed and self._meter is not None:
-                self._meter.failed(task)
+            if failed and meter is not None:
+                meter.failed(task)
         self._changed(task.id)
 
     def _changed(self, task_id: str) -> None:
         if self.on_changed is not None:
             self.on_changed(task_id)
 
-    def _cleanup_expired_images(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cleanup < CLEANUP_EVERY_S:
-            return
-        self._last_cleanup = now
-        with self.db.read() as conn:
-            expired = task_store.expired_images(conn, utcnow())
-        for _, key in expired:
-            self.storage.delete(key)
-        with self.db.write() as conn:
-            task_store.mark_images_deleted(conn, [token for token, _ in expired])
+    def unrecorded(self, records: Sequence[ImageRecord]) -> None:
+        """Images stored for a task whose settling write failed: housekeeping deletes those
+        whose task was not completed with them, once the database answers."""
+        with self._unrecorded_lock:
+            self._unrecorded.extend(records)
+
+    def take_unrecorded(self) -> list[ImageRecord]:
+        with self._unrecorded_lock:
+            taken, self._unrecorded = self._unrecorded, []
+        return taken
 
 
 class _LeaseRenewer:
-    """Renews the batch's leases, and the worker's heartbeat (so that a long batch is not taken
-    for a dead worker and pruned), every third of the lease while the engine works."""
+    """Renews a batch's leases every third of the lease, from its claim until it settles."""
 
     def __init__(self, worker: Worker, task_ids: list[str]) -> None:
         self.worker = worker
@@ -453,6 +409,5 @@ class _LeaseRenewer:
                         task_ids=self.task_ids,
                         lease_seconds=self.worker.settings.lease_seconds,
                     )
-                    queue.heartbeat_worker(conn, worker_id=self.worker.id)
             except CogviewError as exc:
                 log.warning("lease renewal failed: %s", exc.message)
