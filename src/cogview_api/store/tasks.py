@@ -529,21 +529,6 @@ def cancel_task(conn: Connection, *, task_id: str, message: str) -> bool:
     )
 
 
-def set_progress(
-    conn: Connection, *, task_id: str, worker_id: str, stage: Stage, step: int | None = None
-) -> bool:
-    """Record the stage (and step) of a running task. False if this worker no longer holds it:
-    cancelled, or its lease lapsed and the task went back to the queue or to another worker."""
-    values: dict[str, Any] = {"stage": stage}
-    if step is not None:
-        values["step"] = step
-    result = conn.execute(update(tasks).where(_owned(task_id, worker_id)).values(**values))
-    if result.rowcount != 1:
-        return False
-    announce_change(conn)
-    return True
-
-
 def record_progress(
     conn: Connection, *, worker_id: str, progress: Mapping[str, tuple[Stage, int | None]]
 ) -> set[str]:
