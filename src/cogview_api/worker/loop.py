@@ -147,7 +147,7 @@ class Worker:
                 log.exception("worker %s: unexpected error at its start", self.id)
             else:
                 log.info("worker %s ready on %s", self.id, self.engine.device)
-                self.healthy = True
+                # Healthy from the housekeeping's first pass (its heartbeat), which starts next.
                 return True
             log.info("worker %s: trying again in %g s", self.id, delay)
             self.stop.wait(delay)
