@@ -105,7 +105,29 @@ def test_generate_saves_each_image(server: ServerProcess, tmp_path: Path) -> Non
     assert balance(server, key) == 100 - 3 * PRICE
 
 
-def test_ctrl_c_while_generating_cancels_and_refunds(server: ServerProcess, tmp_path: Path) -> None:
+@pytest.fixture
+def slow_server(tmp_path: Path, tiny_cache: Path) -> Iterator[ServerProcess]:
+    """The echo engine at 1 s a step for 8 steps: a generation that a Ctrl-C sent right after
+    the submit always interrupts (the tiny model at 1-2 steps may finish first)."""
+    slow = {
+        "COGVIEW_MODEL": "test-echo",
+        "COGVIEW_TEST_ECHO_STEP_SECONDS": "1",
+        "COGVIEW_STEPS_HD": "8",
+        "COGVIEW_STEPS_STANDARD": "8",
+    }
+    workdir = tmp_path / "serve-slow"
+    workdir.mkdir()
+    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, slow)).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_ctrl_c_while_generating_cancels_and_refunds(
+    slow_server: ServerProcess, tmp_path: Path
+) -> None:
+    server = slow_server
     key = server.make_key(credits=100)["key"]
     waiting = subprocess.Popen(
         [*CLI, "generate", "a large slow one", "--size", "1024*1024", "-o", "big.png"],

@@ -135,7 +135,7 @@ def _asks_to_stream(raw: bytes) -> bool:
     where it is refused in the envelope."""
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep: refused the usual way too
         return False
     return isinstance(data, dict) and data.get("stream") is True
 
