@@ -66,6 +66,13 @@ def parse_args() -> argparse.Namespace:
         help="polls/s held by hey (a paced load, not a saturating one) for the latency at a rate",
     )
     p.add_argument(
+        "--paced-connections",
+        type=int,
+        default=32,
+        help="hey's workers for the paced load: each sends rate/N a second, one request at a "
+        "time, so N must exceed rate x latency or the load falls short of the rate",
+    )
+    p.add_argument(
         "--only-throughput",
         action="store_true",
         help="skip the per-request CPU phases; only the HTTP-processes throughput and paced load",
@@ -530,7 +537,7 @@ def main() -> int:
                     f"{this.base}/api/v1/tasks/{seeds['this']['done']}",
                     rate=args.paced_rate,
                     seconds=args.seconds * 3,
-                    connections=args.connections,
+                    connections=args.paced_connections,
                     secret=seeds["this"]["secret"],
                 )
                 for _ in range(args.rounds)
