@@ -105,6 +105,10 @@ def test_generate_saves_each_image(server: ServerProcess, tmp_path: Path) -> Non
     assert balance(server, key) == 100 - 3 * PRICE
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def slow_server(tmp_path: Path, tiny_cache: Path) -> Iterator[ServerProcess]:
     """The echo engine at 1 s a step for 8 steps: a generation that a Ctrl-C sent right after
@@ -135,6 +139,9 @@ def test_ctrl_c_while_generating_cancels_and_refunds(
         env=user_env(server, key),
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test run started in the background (`cmd &` in a script) has
+        # SIGINT ignored, which its children inherit, and Python then never raises on Ctrl-C.
+        preexec_fn=_sigint_default,
     )
     assert waiting.stderr is not None
     submitted = waiting.stderr.readline()
