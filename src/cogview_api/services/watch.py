@@ -30,7 +30,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cogview_api.domain import Batch, Task, TaskState
 from cogview_api.errors import CogviewError, NotFound
@@ -64,6 +64,9 @@ class BatchFollower:
         self.revoked = False
         self.gone = False
         self.changed = asyncio.Event()
+
+
+_F = TypeVar("_F", Follower, BatchFollower)
 
 
 @dataclass(frozen=True)
@@ -121,40 +124,48 @@ class TaskWatcher:
     @contextlib.contextmanager
     def follow(self, task: Task) -> Iterator[Follower]:
         """Follow `task` (as its key may see it now) until the block ends. Call on the loop."""
-        wake = self._start()
-        follower = Follower(task)
-        followers = self._followers.setdefault(task.id, set())
-        if not followers:
-            self._fresh.add(task.id)  # it may have changed since the caller read it
-            wake.set()
-        followers.add(follower)
-        try:
+        with self._follow(
+            task.id, Follower(task), self._followers, self._versions, self._fresh
+        ) as follower:
             yield follower
-        finally:
-            followers.discard(follower)
-            if not followers and self._followers.get(task.id) is followers:
-                del self._followers[task.id]
-                self._versions.pop(task.id, None)
-                self._fresh.discard(task.id)
 
     @contextlib.contextmanager
     def follow_batch(self, batch: Batch) -> Iterator[BatchFollower]:
         """Follow `batch` (as its key may see it now) until the block ends. Call on the loop."""
+        with self._follow(
+            batch.id,
+            BatchFollower(batch),
+            self._batch_followers,
+            self._batch_versions,
+            self._batch_fresh,
+        ) as follower:
+            yield follower
+
+    @contextlib.contextmanager
+    def _follow(
+        self,
+        key: str,
+        follower: _F,
+        registry: dict[str, set[_F]],
+        versions: dict[str, tuple[Any, ...]],
+        fresh: set[str],
+    ) -> Iterator[_F]:
+        """`follower` in `registry` under `key` until the block ends; the first follower of a key
+        has it read in full at the next look (it may have changed since the caller read it)."""
         wake = self._start()
-        follower = BatchFollower(batch)
-        followers = self._batch_followers.setdefault(batch.id, set())
+        followers = registry.setdefault(key, set())
         if not followers:
-            self._batch_fresh.add(batch.id)
+            fresh.add(key)
             wake.set()
         followers.add(follower)
         try:
             yield follower
         finally:
             followers.discard(follower)
-            if not followers and self._batch_followers.get(batch.id) is followers:
-                del self._batch_followers[batch.id]
-                self._batch_versions.pop(batch.id, None)
-                self._batch_fresh.discard(batch.id)
+            if not followers and registry.get(key) is followers:
+                del registry[key]
+                versions.pop(key, None)
+                fresh.discard(key)
 
     @property
     def _following(self) -> bool:
