@@ -29,7 +29,6 @@ import secrets
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -37,6 +36,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from request_cost import export_tree  # noqa: E402  (the same `git archive` of a ref's src)
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "202933a"  # main when issue 14's work began
@@ -245,19 +248,6 @@ def claims(settings: Any, repeats: int) -> dict[str, Any]:
 
 
 # -- the parent ----------------------------------------------------------------------------
-
-
-def export_tree(ref: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "src"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    tar_path = into / "src.tar"
-    tar_path.write_bytes(archive)
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(into, filter="data")
-    return into / "src"
 
 
 @contextmanager
