@@ -64,6 +64,8 @@ class EchoEngine:
             raise EngineError("The test-echo engine was asked to fail this batch.")
         live = {job.task_id for job in jobs}
         for step in range(1, max(job.steps for job in jobs) + 1):
+            if not live:  # every task cancelled or taken back: the batch ends here, as the
+                break  # real engines' do at their next step
             if self.step_seconds:
                 time.sleep(self.step_seconds)
             for job in jobs:
