@@ -12,11 +12,17 @@ Endpoints: `/healthz`; a poll of a finished task (`GET /api/v1/tasks/{id}`, COMP
 image); `/api/v1/account`; a poll of the newest waiting task; a submit (POST, 512x512). Then
 the backlog grows to `--backlog-large` waiting tasks (rows copied in SQL) and the polls and the
 submit run again. Last, `--http-processes` 1 vs 2 of this tree: polls/s and latency with wrk on
-`--connections` connections (no pinning: the two HTTP processes and wrk share both cores).
+`--connections` connections (no pinning: the two HTTP processes and wrk share both cores), then
+the latency at a held rate of `--paced-rate` polls/s: wrk (C, one thread, the cheapest load
+generator here) with a Lua `delay()` that hands each request the next free slot of a global
+schedule, one slot every 1/rate s, so the rate is held whatever the latency while connections
+are free; a server that falls behind is not caught up on, so a shortfall shows in the rate.
+`--paced-tool hey` runs the same load with hey (Go, several times wrk's CPU per request, which
+on two cores takes from the servers it measures).
 
     .venv/bin/python bench/request_cost.py --out bench/results/request_cost-cpu.json
 
-Needs wrk and hey (Debian: `apt-get install wrk hey`) and taskset (util-linux).
+Needs wrk, hey for `--paced-tool hey` (Debian: `apt-get install wrk hey`) and taskset (util-linux).
 """
 
 from __future__ import annotations
@@ -63,14 +69,20 @@ def parse_args() -> argparse.Namespace:
         "--paced-rate",
         type=int,
         default=1500,
-        help="polls/s held by hey (a paced load, not a saturating one) for the latency at a rate",
+        help="polls/s held (a paced load, not a saturating one) for the latency at a rate",
     )
     p.add_argument(
         "--paced-connections",
         type=int,
         default=32,
-        help="hey's workers for the paced load: each sends rate/N a second, one request at a "
-        "time, so N must exceed rate x latency or the load falls short of the rate",
+        help="connections (wrk) or workers (hey) of the paced load, each one request at a time: "
+        "N must exceed rate x latency or the load falls short of the rate",
+    )
+    p.add_argument(
+        "--paced-tool",
+        choices=("wrk", "hey"),
+        default="wrk",
+        help="the paced load's generator (see the module docstring)",
     )
     p.add_argument(
         "--only-throughput",
@@ -359,12 +371,63 @@ def hey_paced(
     }
     total = sum(codes.values())
     return {
+        "tool": "hey",
         "target_rps": rate,
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "requests": total,
         "errors": total - codes.get("200", 0),
         "p50_ms": round(lat.get("50", float("nan")), 2),
         "p99_ms": round(lat.get("99", float("nan")), 2),
+    }
+
+
+# wrk's Lua is LuaJIT: ffi reads the monotonic clock (wrk gives scripts none). Each request,
+# on whichever connection frees first, takes the next slot of a global schedule; a slot already
+# past is not caught up on.
+PACE_LUA = """
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } pace_timespec;
+int clock_gettime(int clk_id, pace_timespec *tp);
+]]
+local ts = ffi.new("pace_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval = 1000 / RATE
+local slot = nil
+delay = function()
+  local now = now_ms()
+  if slot == nil or slot + interval < now then slot = now else slot = slot + interval end
+  return slot - now
+end
+wrk.headers["Authorization"] = "Bearer SECRET"
+"""
+
+
+def wrk_paced(
+    url: str, *, rate: int, seconds: float, connections: int, secret: str
+) -> dict[str, Any]:
+    """`rate` requests/s held for `seconds` by wrk on `connections` connections (PACE_LUA): the
+    latency at that load, where `wrk` measures it at saturation."""
+    script = PACE_LUA.replace("RATE", str(rate)).replace("SECRET", secret)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", f.name, url]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
+    return {
+        "tool": "wrk",
+        "target_rps": rate,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "requests": requests,
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+        "p50_ms": lat.get("50", float("nan")),
+        "p99_ms": lat.get("99", float("nan")),
     }
 
 
@@ -532,8 +595,9 @@ def main() -> int:
                         cpu=None,
                     )
                 )
+            pacer = wrk_paced if args.paced_tool == "wrk" else hey_paced
             paced = [
-                hey_paced(
+                pacer(
                     f"{this.base}/api/v1/tasks/{seeds['this']['done']}",
                     rate=args.paced_rate,
                     seconds=args.seconds * 3,
