@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -83,6 +84,31 @@ class InProcessApi:
         return secret
 
 
+class QuickServer(uvicorn.Server):
+    """uvicorn's server with its two fixed 0.1 s pauses shortened, for tests: its main loop's
+    tick (how soon `should_exit` is seen) and the pause after it asks open connections to
+    close. A test's server then stops in milliseconds, not ~150 ms: over the ~800 tests of the
+    api tier, about a minute of the suite's wall time."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            await asyncio.sleep(0.005)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        deadline = time.monotonic() + 10
+        while self.server_state.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for task in self.server_state.tasks:
+            task.cancel()
+        await self.lifespan.shutdown()
+
+
 @contextmanager
 def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
     """The app from the factory behind a real uvicorn on a free port, in a thread."""
@@ -91,14 +117,14 @@ def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
     app = create_app(settings, backends=Backends.open(settings, db=db))
     port = free_port()
     config = http_config(app, settings, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = QuickServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline:
             raise RuntimeError("in-process server did not start")
-        time.sleep(0.02)
+        time.sleep(0.005)
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=30) as client:
         try:
