@@ -1,6 +1,8 @@
 """The official `openai` and `zhipuai` clients, used unchanged but for their base URL, against
-`cogview-api serve --model tiny` in a subprocess: images come back, errors arrive as each
-SDK's own exception types, and the tasks and credits are the native API's."""
+`cogview-api serve` in a subprocess: images come back, errors arrive as each SDK's own exception
+types, and the tasks and credits are the native API's. The model is not under test here (its
+images are test_generation.py's): the server runs the test-echo engine, whose images have the
+asked size and count, one colour per seed, without the tiny model's start and CPU."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import base64
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,9 +19,20 @@ import pytest
 import zhipuai
 from PIL import Image
 
-from tests.support import ServerProcess, auth
+from tests.support import ServerProcess, auth, server_env
 
 PROMPT = "A lighthouse on a cliff at dawn, watercolor"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
+    workdir = tmp_path_factory.mktemp("serve-compat")
+    env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo"})
+    proc = ServerProcess(workdir=workdir, env=env, args=()).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

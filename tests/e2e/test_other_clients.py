@@ -1,4 +1,5 @@
-"""Clients nobody here wrote, against one `cogview-api serve --model tiny` subprocess: the
+"""Clients nobody here wrote, against one `cogview-api serve` subprocess (the test-echo engine,
+whose partial images are stand-ins: the protocol is under test, not the model): the
 official OpenAI **Node** SDK (npm `openai`, installed by the test into a cache folder) with its
 streaming iterator and the current fields, and **LiteLLM**'s `openai/` and `zai/` providers
 pointed at the OpenAI and Zhipu surfaces. Each call is one small task of a few steps."""
@@ -54,7 +55,8 @@ console.log(JSON.stringify(out));
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     """hd in 4 steps (partial images after steps 1 and 3), low and standard in 1."""
     workdir = tmp_path_factory.mktemp("serve-clients")
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, {"COGVIEW_STEPS_HD": "4"}))
+    env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo", "COGVIEW_STEPS_HD": "4"})
+    proc = ServerProcess(workdir=workdir, env=env, args=())
     proc.start()
     try:
         yield proc

@@ -1,6 +1,6 @@
 """The users' commands, `cogview-api generate` and `cogview-api batch`, as subprocesses against a
-real `cogview-api serve --model tiny` (small sizes and few steps, to keep it cheap): the files
-they write, what they charge, and a batch resumed after a crash without a second charge."""
+real `cogview-api serve` (the test-echo engine: the model is not under test, the files are): the
+files they write, what they charge, and a batch resumed after a crash without a second charge."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ PROMPTS = 12
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("serve-users")
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache)).start()
+    env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo"})
+    proc = ServerProcess(workdir=workdir, env=env, args=()).start()
     try:
         yield proc
     finally:
@@ -112,7 +113,7 @@ def _sigint_default() -> None:
 @pytest.fixture
 def slow_server(tmp_path: Path, tiny_cache: Path) -> Iterator[ServerProcess]:
     """The echo engine at 1 s a step for 8 steps: a generation that a Ctrl-C sent right after
-    the submit always interrupts (the tiny model at 1-2 steps may finish first)."""
+    the submit always interrupts (at 1-2 steps of no pause it may finish first)."""
     slow = {
         "COGVIEW_MODEL": "test-echo",
         "COGVIEW_TEST_ECHO_STEP_SECONDS": "1",
@@ -121,7 +122,7 @@ def slow_server(tmp_path: Path, tiny_cache: Path) -> Iterator[ServerProcess]:
     }
     workdir = tmp_path / "serve-slow"
     workdir.mkdir()
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, slow)).start()
+    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, slow), args=()).start()
     try:
         yield proc
     finally:
