@@ -119,9 +119,17 @@ class PgCluster:
             self._template_ready = True
 
     def drop_database(self, url: str) -> None:
-        name = url.rsplit("/", 1)[1]
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        """Dropped on the spares' thread, after the test: the DROP took ~60 ms of each
+        PostgreSQL test's teardown. One that fails (the server stopped by a restart test) stays,
+        a few MB in a throwaway cluster."""
+        self._maker.submit(self._drop, url.rsplit("/", 1)[1])
+
+    def _drop(self, name: str) -> None:
+        try:
+            with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.Error:
+            pass
 
     def terminate_backends(self, url: str) -> int:
         """Kill every server process connected to that database, like a server restart would."""

@@ -211,7 +211,7 @@ class ServerProcess:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise RuntimeError(f"server not ready in {timeout}s: {self.read_log()}")
 
     def read_log(self) -> str:
