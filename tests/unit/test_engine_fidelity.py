@@ -140,17 +140,21 @@ def test_fast_path_gives_the_stock_image_at_every_preset_size(
     engine: CogView4Engine, fast: FastCogView4, width: int, height: int
 ) -> None:
     """One step, a 32-token prompt against the 16-token empty negative prompt: cond and uncond
-    go through one forward with the uncond text padded and masked."""
+    go through one forward with the uncond text padded and masked. The latents are compared at
+    every size; the pixels at the first one only: both paths decode with the same stock VAE, so
+    only the latents can differ, and the VAE at these sizes was 4 of each case's 5.5 s."""
     seed = width * 7 + height
     stock = stock_latents(engine, LONG, width, height, seed, steps=1)
     [ours] = fast_latents(fast, [FastJob(LONG, "", (seed,))], width, height, steps=1)
     assert ours is not None and ours.shape == stock.shape
     latent_diff = max_diff(ours, stock)
-    ours_px, stock_px = pixels(engine, torch.cat([ours, stock]))  # one VAE call: half the time
-    pixel_diff = max_diff(ours_px, stock_px)
-    print(f"{width}x{height}: latents {latent_diff:.2e}, pixels {pixel_diff:.2e}")
+    print(f"{width}x{height}: latents {latent_diff:.2e}")
     assert latent_diff <= LATENT_TOL
-    assert pixel_diff <= PIXEL_TOL
+    if (width, height) == PRESET_SIZES[0]:
+        ours_px, stock_px = pixels(engine, torch.cat([ours, stock]))  # one VAE call for both
+        pixel_diff = max_diff(ours_px, stock_px)
+        print(f"{width}x{height}: pixels {pixel_diff:.2e}")
+        assert pixel_diff <= PIXEL_TOL
 
 
 def test_a_job_gives_the_same_image_alone_and_in_a_batch_of_four(fast: FastCogView4) -> None:
