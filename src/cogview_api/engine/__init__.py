@@ -99,6 +99,10 @@ def load_engine(settings: Settings) -> Engine:
 
         return EchoEngine(settings)
     try:
+        # torch alone first: the real model without a GPU is refused before diffusers loads.
+        from cogview_api.engine.device import model_device
+
+        model_device(settings)
         from cogview_api.engine.cogview4 import CogView4Engine
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]

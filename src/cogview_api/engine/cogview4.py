@@ -25,6 +25,7 @@ from cogview_api.config import DEFAULT_MODEL, FULL_RANDOM_MODEL, Settings
 from cogview_api.domain import BatchKey
 from cogview_api.engine import EngineJob, PreviewFn, ProgressFn
 from cogview_api.engine.cogview4_fast import FastCogView4, FastJob
+from cogview_api.engine.device import REAL_MODEL_GPU_GB, model_device, resolve_device
 from cogview_api.errors import EngineError, EngineLoadError, EngineOutOfMemory
 from cogview_api.metrics import instruments
 
@@ -32,20 +33,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 log = logging.getLogger(__name__)
-
-REAL_MODEL_GPU_GB = 40  # everything resident in bf16 at ~1 MP (bench/memory_estimate.py: ~34-38 GB)
-# GLM off the GPU (offload / cpu): ~17-21 GB at ~1 MP, so a 24 GB card (README's table).
-SMALL_GPU_GB = 24
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise EngineLoadError(
-            f"COGVIEW_DEVICE is {requested!r} but no CUDA GPU is visible to this process."
-        )
-    return requested
 
 
 class CogView4Engine:
@@ -67,20 +54,13 @@ class CogView4Engine:
 
     @classmethod
     def load(cls, settings: Settings) -> CogView4Engine:
-        device = resolve_device(settings.device)
+        device = model_device(settings)  # the real model without a GPU: refused here
         if settings.is_tiny:
             from cogview_api.engine.tiny import tiny_model_dir
 
             source: str | Path = tiny_model_dir(settings.cache_dir)
             dtype = torch.float32
         else:
-            if not device.startswith("cuda"):
-                raise EngineLoadError(
-                    f"The real CogView4-6B model needs a CUDA GPU (about {REAL_MODEL_GPU_GB} GB"
-                    f" with everything resident, or {SMALL_GPU_GB} GB with"
-                    " COGVIEW_TEXT_ENCODER=offload or cpu) and none was found; run with"
-                    " --model tiny to try the API without a GPU, or start on a machine with one."
-                )
             if settings.model == FULL_RANDOM_MODEL:  # the real architecture, random weights
                 from cogview_api.engine.full_random import build_full_random_pipeline
 
