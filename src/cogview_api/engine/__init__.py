@@ -1,5 +1,6 @@
-"""The engine seam. Only `cogview4*.py` and the model builders (`tiny.py`, `full_random.py`)
-import torch or diffusers, and they are imported lazily by `load_engine`, so the API process
+"""The engine seam. Only `cogview4*.py`, `device.py` (torch alone: the real model without a GPU
+is refused before diffusers loads) and the model builders (`tiny.py`, `full_random.py`) import
+torch or diffusers, and they are imported lazily by `load_engine`, so the API process
 never loads torch, and the package installs without them: they come with the `engine` extra
 (`pip install "cogview-api[engine]"`), and a start that needs them without it is refused with
 that sentence.
