@@ -16,7 +16,6 @@ import uvicorn
 from fastapi import FastAPI
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
-from uvicorn.supervisors import Multiprocess
 
 from cogview_api import __version__, metrics
 from cogview_api.api.app import create_app
@@ -26,6 +25,7 @@ from cogview_api.api.present_batches import batch_webhook_payload
 from cogview_api.config import Settings
 from cogview_api.engine import Engine, load_engine
 from cogview_api.errors import ServiceUnavailable, StartError
+from cogview_api.http_supervisor import SpreadMultiprocess, bind_sockets
 from cogview_api.log_context import ContextFilter, TextFormatter
 from cogview_api.services.backends import Backends
 from cogview_api.services.metrics import queue_snapshot
@@ -285,8 +285,16 @@ def serve_http_processes(settings: Settings) -> None:
         log_config=None,
         access_log=False,
     )
-    # What uvicorn.run does for workers > 1, with our config (it builds its own from keywords).
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    # What uvicorn.run does for workers > 1, with our config (it builds its own from keywords),
+    # but a socket per process (http_supervisor.py: the kernel spreads the connections).
+    sockets = bind_sockets(settings.host, settings.port, settings.http_processes)
+    log.info(
+        "%d HTTP processes on http://%s:%d, one SO_REUSEPORT socket each",
+        settings.http_processes,
+        settings.host,
+        settings.port,
+    )
+    SpreadMultiprocess(config, sockets=sockets).run()
 
 
 def http_process_app() -> FastAPI:
