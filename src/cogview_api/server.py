@@ -287,13 +287,13 @@ def serve_http_processes(settings: Settings) -> None:
     )
     # What uvicorn.run does for workers > 1, with our config (it builds its own from keywords),
     # but a socket per process (http_supervisor.py: the kernel spreads the connections).
-    sockets = bind_sockets(settings.host, settings.port, settings.http_processes)
-    log.info(
-        "%d HTTP processes on http://%s:%d, one SO_REUSEPORT socket each",
-        settings.http_processes,
-        settings.host,
-        settings.port,
-    )
+    try:
+        sockets = bind_sockets(settings.host, settings.port, settings.http_processes)
+    except OSError as exc:  # taken since check_port_free, or a name with no IPv4 address
+        raise StartError(
+            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): choose another"
+            " --port (COGVIEW_PORT) or --host."
+        ) from exc
     SpreadMultiprocess(config, sockets=sockets).run()
 
 
