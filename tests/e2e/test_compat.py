@@ -62,12 +62,28 @@ def fetch_image(url: str) -> Image.Image:
     return Image.open(io.BytesIO(r.content))
 
 
+# The SDK clients a test made, closed after it: each holds an httpx connection pool, whose
+# sockets, left to the garbage collector, surfaced as ResourceWarnings in later tests.
+OPEN_CLIENTS: list[openai.OpenAI | zhipuai.ZhipuAI] = []
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while OPEN_CLIENTS:
+        OPEN_CLIENTS.pop().close()
+
+
 def openai_client(server: ServerProcess, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key)
+    OPEN_CLIENTS.append(client)
+    return client
 
 
 def zhipu_client(server: ServerProcess, key: str) -> zhipuai.ZhipuAI:
-    return zhipuai.ZhipuAI(api_key=key, base_url=server.base_url + "/api/paas/v4")
+    client = zhipuai.ZhipuAI(api_key=key, base_url=server.base_url + "/api/paas/v4")
+    OPEN_CLIENTS.append(client)
+    return client
 
 
 # -- OpenAI ----------------------------------------------------------------------------------
