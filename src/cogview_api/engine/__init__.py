@@ -103,7 +103,7 @@ def load_engine(settings: Settings) -> Engine:
         # torch alone first: the real model without a GPU is refused before diffusers loads.
         from cogview_api.engine.device import model_device
 
-        model_device(settings)
+        device = model_device(settings)
         from cogview_api.engine.cogview4 import CogView4Engine
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]
@@ -114,4 +114,4 @@ def load_engine(settings: Settings) -> Engine:
             ' the engine extra, `pip install "cogview-api[engine]"` (in a checkout:'
             ' `pip install -e ".[engine]"`).'
         ) from exc
-    return CogView4Engine.load(settings)
+    return CogView4Engine.load(settings, device=device)

@@ -53,8 +53,10 @@ class CogView4Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, settings: Settings) -> CogView4Engine:
-        device = model_device(settings)  # the real model without a GPU: refused here
+    def load(cls, settings: Settings, device: str | None = None) -> CogView4Engine:
+        """`device`: `model_device(settings)` when the caller has it (`load_engine` checks it
+        before importing this module); otherwise found here, refusing the same way."""
+        device = device or model_device(settings)
         if settings.is_tiny:
             from cogview_api.engine.tiny import tiny_model_dir
 
