@@ -166,10 +166,9 @@ class ServerProcess:
     @property
     def database_url(self) -> str:
         """The server's database, as its settings resolve it from its environment and folder."""
-        if url := self.env.get("COGVIEW_DATABASE_URL"):
-            return url
         data_dir = self.workdir / self.env.get("COGVIEW_DATA_DIR", "cogview-data")
-        return f"sqlite:///{data_dir / 'cogview.db'}"
+        url = self.env.get("COGVIEW_DATABASE_URL", "")
+        return Settings(data_dir=data_dir, database_url=url).database_url
 
     def make_key(self, credits: int = 1000, name: str = "e2e") -> dict[str, Any]:
         """A key in the server's database, made in this process with the services that
