@@ -140,13 +140,25 @@ def in_process_api(settings: Settings) -> Iterator[InProcessApi]:
 
 @dataclass
 class ServerProcess:
-    """`cogview-api serve` as a real subprocess, with its own data folder."""
+    """`cogview-api serve` as a real subprocess, with its own data folder. Without `args` it
+    runs the model its env names (COGVIEW_MODEL), else the tiny one. As a context manager
+    (`with server.start() as proc:`) it is stopped on the way out."""
 
     workdir: Path
     env: dict[str, str]
     port: int = field(default_factory=free_port)
-    args: tuple[str, ...] = ("--model", "tiny")
+    args: tuple[str, ...] | None = None
     proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if self.args is None:
+            self.args = () if "COGVIEW_MODEL" in self.env else ("--model", "tiny")
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def base_url(self) -> str:
@@ -194,7 +206,7 @@ class ServerProcess:
         writes its log to the file: this process keeps no handle open past the start."""
         with open(self.workdir / f"serve-{self.port}.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [*CLI, "serve", "--port", str(self.port), *self.args],
+                [*CLI, "serve", "--port", str(self.port), *(self.args or ())],
                 cwd=self.workdir,
                 env=self.env,
                 stdout=log,

@@ -12,8 +12,5 @@ from tests.support import ServerProcess, server_env
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     """One `cogview-api serve --model tiny` subprocess for the module, ready to take work."""
     workdir = tmp_path_factory.mktemp("serve")
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache)).start()
-    try:
+    with ServerProcess(workdir=workdir, env=server_env(tiny_cache)).start() as proc:
         yield proc
-    finally:
-        proc.stop()

@@ -33,11 +33,8 @@ def slow_server(
 ) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("serve-slow")
     env = server_env(tiny_cache, {"COGVIEW_STEPS_HD": str(HD_STEPS)})
-    proc = ServerProcess(workdir=workdir, env=env).start()
-    try:
+    with ServerProcess(workdir=workdir, env=env).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,8 @@ SMALL = {"size": "512*512", "quality": "standard"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("serve-client")
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, ECHO_ENV), args=()).start()
-    try:
+    with ServerProcess(workdir=workdir, env=server_env(tiny_cache, ECHO_ENV)).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def new_key(server: ServerProcess, credits: int = 100) -> dict[str, Any]:

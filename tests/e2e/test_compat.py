@@ -28,11 +28,8 @@ PROMPT = "A lighthouse on a cliff at dawn, watercolor"
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("serve-compat")
     env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo"})
-    proc = ServerProcess(workdir=workdir, env=env, args=()).start()
-    try:
+    with ServerProcess(workdir=workdir, env=env).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -82,12 +82,9 @@ def test_bursts_of_connections_spread_over_the_http_processes(
 ) -> None:
     env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo"})
     args = ("--workers", "0", "--http-processes", "2")
-    server = ServerProcess(workdir=tmp_path, env=env, args=args).start(wait_ready=False)
-    try:
+    with ServerProcess(workdir=tmp_path, env=env, args=args).start(wait_ready=False) as server:
         pids = http_processes(server)
         assert len(pids) == 2
         time.sleep(0.5)  # past their application startup, into their accept loops
         shares = [smaller_share(server, pids) for _ in range(BURSTS)]
-    finally:
-        server.stop()
     assert statistics.median(shares) >= 5, shares

@@ -25,11 +25,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterat
     """hd in 4 steps, so 3 partial images fit (after steps 1, 2 and 3)."""
     workdir = tmp_path_factory.mktemp("serve-stream")
     env = server_env(tiny_cache, {"COGVIEW_STEPS_HD": "4"})
-    proc = ServerProcess(workdir=workdir, env=env).start()
-    try:
+    with ServerProcess(workdir=workdir, env=env).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def decode(b64: str) -> Image.Image:

@@ -56,12 +56,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterat
     """hd in 4 steps (partial images after steps 1 and 3), low and standard in 1."""
     workdir = tmp_path_factory.mktemp("serve-clients")
     env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo", "COGVIEW_STEPS_HD": "4"})
-    proc = ServerProcess(workdir=workdir, env=env, args=())
-    proc.start()
-    try:
+    with ServerProcess(workdir=workdir, env=env).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -57,11 +57,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "COGVIEW_TEST_ECHO_STEP_SECONDS": "0.2",  # hd: 40 s, time enough to cancel
         },
     )
-    proc = ServerProcess(workdir=workdir, env=env, args=("--model", "test-echo")).start()
-    try:
+    with ServerProcess(workdir=workdir, env=env, args=("--model", "test-echo")).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

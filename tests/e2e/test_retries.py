@@ -41,11 +41,8 @@ RETRIES = 6
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("serve-slow")
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, SLOW_ENV), args=()).start()
-    try:
+    with ServerProcess(workdir=workdir, env=server_env(tiny_cache, SLOW_ENV)).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

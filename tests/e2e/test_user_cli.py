@@ -26,11 +26,8 @@ PROMPTS = 12
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("serve-users")
     env = server_env(tiny_cache, {"COGVIEW_MODEL": "test-echo"})
-    proc = ServerProcess(workdir=workdir, env=env, args=()).start()
-    try:
+    with ServerProcess(workdir=workdir, env=env).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def user_env(server: ServerProcess, key: str | None) -> dict[str, str]:
@@ -122,11 +119,8 @@ def slow_server(tmp_path: Path, tiny_cache: Path) -> Iterator[ServerProcess]:
     }
     workdir = tmp_path / "serve-slow"
     workdir.mkdir()
-    proc = ServerProcess(workdir=workdir, env=server_env(tiny_cache, slow), args=()).start()
-    try:
+    with ServerProcess(workdir=workdir, env=server_env(tiny_cache, slow)).start() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_ctrl_c_while_generating_cancels_and_refunds(

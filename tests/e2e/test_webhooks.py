@@ -115,11 +115,8 @@ def hook_server(
         },
     )
     proc = ServerProcess(workdir=workdir, env=env, args=("--workers", "0"))
-    proc.start(wait_ready=False)  # no worker in it, so never "ready"; it is alive
-    try:
+    with proc.start(wait_ready=False) as proc:  # no worker in it, so never "ready"; it is alive
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
