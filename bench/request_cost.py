@@ -311,7 +311,6 @@ def wrk(
     post: bool,
     cpu: str | None,
 ) -> dict[str, float]:
-    script = None
     lines = []
     if isinstance(secret, list):
         # One key a request, in turn (wrk calls request() for each one it sends).
@@ -334,14 +333,20 @@ def wrk(
             f'wrk.body = "{body}"',
             'wrk.headers["Content-Type"] = "application/json"',
         ]
+    return _run_wrk("\n".join(lines) + "\n", url, seconds=seconds, connections=connections, cpu=cpu)
+
+
+def _run_wrk(
+    script: str, url: str, *, seconds: float, connections: int, cpu: str | None = None
+) -> dict[str, float]:
+    """wrk, one thread, with the Lua `script`, pinned to `cpu` if given; its figures."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write("\n".join(lines) + "\n")
-        script = f.name
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", script, url]
+        f.write(script)
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", f.name, url]
     if cpu is not None:
         cmd = ["taskset", "-c", cpu, *cmd]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    os.unlink(script)
+    os.unlink(f.name)
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
@@ -412,23 +417,8 @@ def wrk_paced(
     """`rate` requests/s held for `seconds` by wrk on `connections` connections (PACE_LUA): the
     latency at that load, where `wrk` measures it at saturation."""
     script = PACE_LUA.replace("RATE", str(rate)).replace("SECRET", secret)
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(script)
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", "-s", f.name, url]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    lat = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
-    return {
-        "tool": "wrk",
-        "target_rps": rate,
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "requests": requests,
-        "errors": int(non2xx.group(1)) if non2xx else 0,
-        "p50_ms": lat.get("50", float("nan")),
-        "p99_ms": lat.get("99", float("nan")),
-    }
+    measured = _run_wrk(script, url, seconds=seconds, connections=connections)
+    return {"tool": "wrk", "target_rps": rate, **measured}
 
 
 def _ms(value: str) -> float:
