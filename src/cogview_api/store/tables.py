@@ -162,6 +162,8 @@ tasks = Table(
     Index("ix_tasks_state_seq", "state", "seq"),
     Index("ix_tasks_key_state_seq", "key_id", "state", "seq"),
     Index("ix_tasks_state_priority_key_seq", "state", "priority", "key_id", "seq"),
+    # A class's waiting tasks oldest first, passing over some keys in the index (migration 0018).
+    Index("ix_tasks_state_priority_seq", "state", "priority", "seq", "key_id"),
     Index("ix_tasks_batch_index", "batch_id", "batch_index"),
 )
 

@@ -252,8 +252,8 @@ def insert_task(
     )
     counted = own + 1 if max_waiting_per_key is not None else 0
     task = _task(values, ())
-    if own >= positions.HORIZON and task.priority == max(PriorityClass):
-        # Past its key's horizon (store/positions.py): the bound, every waiting task, this one
+    if own >= positions.READ_CAP and task.priority == max(PriorityClass):
+        # Past what one replay reads (store/positions.py): the bound, every waiting task, this one
         # the last of its key, from the counter read above. (`own` counts every class: a task
         # of an earlier class may be near the front of its own, and is positioned below.)
         return replace(task, queue_position=waiting + 1), counted
