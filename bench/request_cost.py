@@ -89,6 +89,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="skip the per-request CPU phases; only the HTTP-processes throughput and paced load",
     )
+    p.add_argument(
+        "--only-cost",
+        action="store_true",
+        help="skip the HTTP-processes throughput and paced load; only the per-request CPU phases",
+    )
     p.add_argument("--out", type=Path)
     return p.parse_args()
 
@@ -570,7 +575,7 @@ def main() -> int:
         # Several HTTP processes on one port: throughput of polls of a finished task.
         this = servers[1]
         throughput: dict[str, Any] = {}
-        for procs in (1, 2):
+        for procs in () if args.only_cost else (1, 2):
             this.http_processes = procs
             this.start(workers=0, cpu=None)
             runs = []

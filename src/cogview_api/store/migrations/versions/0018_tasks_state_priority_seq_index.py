@@ -21,9 +21,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_tasks_state_priority_seq", "tasks", ["state", "priority", "seq", "key_id"]
-    )
+    op.create_index("ix_tasks_state_priority_seq", "tasks", ["state", "priority", "seq", "key_id"])
 
 
 def downgrade() -> None:
