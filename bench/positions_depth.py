@@ -25,12 +25,12 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+from request_cost import export_tree  # the same git-archive export of a previous tree
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("keys400", "flood", "mixed", "spread")
@@ -97,15 +97,6 @@ def run_child(src: Path, scenario: str, truth: bool = False) -> dict[str, Any]:
     args = [sys.executable, __file__, "--child", scenario] + (["--truth"] if truth else [])
     done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout))
-
-
-def export_tree(ref: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into / "src"
 
 
 def summary(truth: dict[str, int], got: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from positions_depth import export_tree  # noqa: E402
+from request_cost import export_tree  # noqa: E402
 
 
 def child(url: str, ids: list[str], repeat: int) -> dict[str, Any]:

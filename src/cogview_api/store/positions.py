@@ -387,9 +387,7 @@ class _Replay:
 
     def _untrack(self, key_id: str) -> None:
         """A key the windows stop covering: read up to where they have read."""
-        if key_id not in self.keys:
-            self._add(key_id, [], self.unmet_after)  # not met: nothing up to there
-        elif self.keys[key_id].tracked:
+        if key_id not in self.keys or self.keys[key_id].tracked:  # not met: nothing up to there
             self._add(key_id, [], self.unmet_after)
 
     def _complete(self, key_id: str) -> bool:
@@ -480,12 +478,13 @@ class _Replay:
                 return self._loaded_leader(aside, load)
 
     def _loaded_leader(self, loaded: list[_Entry], load: Mapping[str, int]) -> _Task | None:
-        """The leader when every key with tasks waiting has load: by (load, seq)."""
+        """The leader when every key with tasks waiting has load: by (load, seq). Every key is
+        met then (`unmet_after` is inf), so a key with no entry has nothing left."""
         best: tuple[int, float] | None = None
         leader: _Task | None = None
         for _, _, key_id in loaded:
             entry = self._entry(key_id)
-            while entry is None and not self._complete(key_id) or entry and entry[1] == 1:
+            while entry is not None and entry[1] == 1:
                 self._read_key(key_id)
                 entry = self._entry(key_id)
             if entry is not None and (best is None or (load[key_id], entry[0]) < best):
