@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import time
+from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import update
+
+from cogview_api.clock import utcnow
 from cogview_api.storage import LocalStorage
+from cogview_api.store.tables import images
 from cogview_api.worker.loop import Worker
 from tests.conftest import make_settings
 from tests.support import EXAMPLE_BODY, FlakyEngine, auth, in_process_api
@@ -14,10 +18,9 @@ from tests.support import EXAMPLE_BODY, FlakyEngine, auth, in_process_api
 def test_image_url_works_without_a_key_then_expires(
     tmp_path: Path, tiny_cache: Path, database_url: str
 ) -> None:
-    retention_s = 2.0
-    settings = make_settings(
-        tmp_path, tiny_cache, retention_days=retention_s / 86400, database_url=database_url
-    )
+    # A day's retention, ended below by moving the image's expiry into the past: a retention of
+    # seconds raced the worker on a slow machine (the image expired before it was fetched).
+    settings = make_settings(tmp_path, tiny_cache, retention_days=1.0, database_url=database_url)
     with in_process_api(settings) as api:
         key = api.make_key(credits=40)
         body = {**EXAMPLE_BODY, "size": "864x1152", "output_format": "jpeg"}
@@ -39,7 +42,8 @@ def test_image_url_works_without_a_key_then_expires(
         files = list((tmp_path / "images").rglob("*.jpeg"))
         assert len(files) == 1
 
-        time.sleep(retention_s + 0.5)
+        with api.db.write() as conn:
+            conn.execute(update(images).values(expires_at=utcnow() - timedelta(seconds=1)))
         gone = api.client.get(image["url"])
         assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found"
         worker._last_cleanup = 0.0  # housekeeping runs at the next pass
