@@ -2,8 +2,8 @@
 # mypy: disable-error-code="no-untyped-call,attr-defined,union-attr"
 """The real CogView4-6B architecture with random weights, for measuring speed without the weights.
 
-Every part has the exact shape of `THUDM/CogView4-6B` (configs written out below from
-`shared/research/cogview4-inference.md` section 2; nothing is downloaded): the 28-block
+Every part has the exact shape of `THUDM/CogView4-6B` (configs written out below from the
+model's published component configs; nothing is downloaded): the 28-block
 CogView4 transformer (6.37B params), the GLM-4-9B text encoder as `GlmModel` (8.78B), the
 16-channel AutoencoderKL (0.41B) and the real flow-matching scheduler; about 31 GB in bf16.
 Its images are noise, but every matrix product, attention and convolution has the real size,

@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from cogview_api.clock import utcnow
 from cogview_api.store.tables import idempotency_keys
 
-# How long a key stands for its first request (shared/API.md §2). Older rows are expired:
-# reusing their key creates a new task, and `claim` deletes them.
+# How long a key stands for its first request (24 h, docs/api.md `Idempotency-Key`). Older rows
+# are expired: reusing their key creates a new task, and `claim` deletes them.
 KEY_TTL = timedelta(hours=24)
 
 # SQLSTATE of a unique violation (PostgreSQL), and SQLite's message for one.
