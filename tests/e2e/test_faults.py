@@ -195,7 +195,8 @@ def test_sigterm_mid_task_finishes_the_batch_then_exits_0(tmp_path: Path, tiny_c
     env = server_env(tiny_cache, {**CRASH_ENV, "COGVIEW_LOG_LEVEL": "info"})
     server, task_id = _sigterm_mid_task(tmp_path, env)
     assert _task_row(tmp_path, task_id)[:2] == ("completed", 1)
-    assert "finishing the batch in hand" in server.read_log()
+    log = server.read_log()
+    assert "finishing the batch in hand" in log and "stopped and deregistered worker(s)" in log
 
 
 def test_sigterm_past_the_grace_hands_the_batch_back_uncounted(

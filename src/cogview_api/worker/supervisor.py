@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (1.0, 30.0)
 # After a hand-back, how long to wait for the worker to notice at its next denoising step.
 HAND_BACK_JOIN_S = 10.0
+# How long an idle worker is given to go before a stop says it waits for a batch in hand.
+IDLE_STOP_S = 0.5
 
 
 class WorkerThread:
@@ -79,10 +81,16 @@ def stop_workers(threads: Sequence[WorkerThread], grace: float) -> None:
     takes them at once rather than after their lease."""
     for t in threads:
         t.worker.shutdown()
-    deadline = time.monotonic() + grace
+    started = time.monotonic()
+    deadline = started + grace
+    # An idle worker deregisters and ends in moments: only one still running after that has a
+    # batch in hand, and only then does the log say the stop waits for it.
+    for t in threads:
+        t.join(timeout=max(0.0, min(deadline, started + IDLE_STOP_S) - time.monotonic()))
     busy = [t for t in threads if t.is_alive()]
-    if busy and grace > 0:
-        log.info("finishing the batch in hand (up to %g s)", grace)
+    if grace > 0:
+        for t in busy:
+            log.info("worker %s: finishing the batch in hand (up to %g s)", t.worker.id, grace)
     for t in busy:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
         if t.is_alive():
@@ -102,3 +110,6 @@ def stop_workers(threads: Sequence[WorkerThread], grace: float) -> None:
             # Its next progress write, fenced on RUNNING and its id, now matches nothing, so it
             # stops at its next step; an exit while the engine still runs would abort in torch.
             t.join(timeout=HAND_BACK_JOIN_S)
+    stopped = [t.worker.id for t in threads if not t.is_alive()]
+    if stopped:
+        log.info("stopped and deregistered worker(s) %s", ", ".join(stopped))
