@@ -196,6 +196,25 @@ def test_wrong_method_is_405_envelope(api: InProcessApi) -> None:
     assert_error(api.client.delete("/api/v1/account"), 405, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    ("path", "methods"),
+    [
+        ("/api/v1/batches", {"GET", "POST"}),  # two routes: list and create
+        ("/api/v1/images/generations", {"POST"}),
+        ("/api/v1/tasks/abc_cv4", {"GET"}),
+        ("/openapi.json", {"GET", "HEAD"}),
+    ],
+)
+def test_a_405_allows_every_method_of_the_path(
+    api: InProcessApi, path: str, methods: set[str]
+) -> None:
+    """`Allow` lists all the path's methods, not only those of the first route that matched
+    (schemathesis' ST205: OPTIONS /api/v1/batches was answered `Allow: POST`)."""
+    r = api.client.options(path)
+    assert_error(r, 405, "invalid_request")
+    assert {m.strip() for m in r.headers["allow"].split(",")} == methods
+
+
 def test_insufficient_credits_is_402_and_writes_nothing(api: InProcessApi) -> None:
     key = api.make_key(credits=7)  # one hd image costs 4; two cost 8
     r = api.client.post("/api/v1/images/generations", json=body(n=2), headers=auth(key))

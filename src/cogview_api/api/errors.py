@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cogview_api.errors import (
@@ -182,6 +183,23 @@ def invalid_from_validation(exc: ValidationError | RequestValidationError) -> In
     return InvalidRequest(f"Invalid '{param}': {msg}.", param=param)
 
 
+# The methods a 405's `Allow` can name (OPTIONS has no route: it is always a 405).
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the app answers on this path: the request tried with each method against
+    the app's routes (static mounts aside: they answer their own 405s). Starlette's 405 names
+    only the methods of the first route whose path matched, and FastAPI makes a route per
+    method, so `Allow` for /api/v1/batches said POST and left out GET."""
+    routes = [r for r in request.app.router.routes if not isinstance(r, Mount)]
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CogviewError)
     async def _ours(request: Request, exc: CogviewError) -> Response:
@@ -200,7 +218,10 @@ def install_error_handlers(app: FastAPI) -> None:
             resp = from_exception(
                 MethodNotAllowed(f"Method {request.method} is not allowed on {path}."), path
             )
-            if exc.headers and "allow" in {k.lower() for k in exc.headers}:
+            allowed = _allowed_methods(request)
+            if allowed:
+                resp.headers["Allow"] = ", ".join(allowed)
+            elif exc.headers and "allow" in {k.lower() for k in exc.headers}:
                 resp.headers.update(exc.headers)
             return resp
         return error_response(exc.status_code, "invalid_request", str(exc.detail), path=path)
