@@ -60,8 +60,36 @@ BaseUrl = Annotated[ImageLinks, Depends(image_links)]
 # (YYYY-MM-DD only, with its own messages).
 From = Annotated[
     str | None,
-    Query(alias="from", description="First UTC day, YYYY-MM-DD (default: 29 days before `to`)."),
+    Query(
+        alias="from",
+        description="First UTC day, YYYY-MM-DD (default: 29 days before `to`).",
+        json_schema_extra={"format": "date"},
+    ),
 ]
 To = Annotated[
-    str | None, Query(alias="to", description="Last UTC day, inclusive (default: today).")
+    str | None,
+    Query(
+        alias="to",
+        description="Last UTC day, YYYY-MM-DD, inclusive (default: today).",
+        json_schema_extra={"format": "date"},
+    ),
+]
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+# A task status filter (task lists), matched in any case: described by a pattern, since an
+# enum cannot say "any case"; checked, with this API's messages, by the service.
+StatusFilter = Annotated[
+    str | None,
+    Query(
+        description="`IN_PROGRESS`, `COMPLETED`, `FAILED` or `CANCELLED` (any case).",
+        json_schema_extra={
+            "pattern": "^("
+            + "|".join(_any_case(s) for s in ("IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"))
+            + ")$"
+        },
+    ),
 ]

@@ -205,8 +205,34 @@ def json_request_body(body: type[BaseModel], named_examples: dict[str, Any]) -> 
     """The `requestBody` of a route that reads its JSON body itself (the serving object reads
     it after the key's check, from the raw bytes the Idempotency-Key hash needs), described
     from the same pydantic model that validates it, with its named examples."""
-    media = {"schema": body.model_json_schema(), **example_media(named=named_examples)}
+    media = {
+        "schema": _inline_defs(body.model_json_schema()),
+        **example_media(named=named_examples),
+    }
     return {"required": True, "content": {"application/json": media}}
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each `{"$ref": "#/$defs/X"}` replaced by X itself and `$defs` dropped.
+    pydantic points nested models at `#/$defs/...` of the model's own schema, which placed
+    inside /openapi.json resolves from the document's root, where nothing is: code generators
+    and schemathesis could not read `sensitive_word_check` of the Zhipu body. (No body model
+    here refers to itself, so the substitution ends.)"""
+    defs = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**inline(defs[ref.removeprefix("#/$defs/")]), **inline(rest)}
+            return {k: inline(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    result: dict[str, Any] = inline(schema)
+    return result
 
 
 def install_docs(app: FastAPI) -> None:

@@ -63,7 +63,7 @@ LAST_DAY = date(9998, 12, 31)
 
 def _parse_day(value: str, param: str) -> date:
     try:
-        if len(value) != 10:
+        if len(value) != 10 or value[4] != "-" or value[7] != "-":  # not 2026-W49-3
             raise ValueError(value)
         day = date.fromisoformat(value)
     except ValueError as exc:

@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from cogview_api.api import events, examples, idempotency
 from cogview_api.api.batch_inputs import read_batch
 from cogview_api.api.batch_schemas import BatchCreate, BatchList, BatchPublic
-from cogview_api.api.deps import BackendsDep, Secret, ServingDep, SettingsDep
+from cogview_api.api.deps import BackendsDep, Secret, ServingDep, SettingsDep, StatusFilter
 from cogview_api.api.idempotency import REPLAYED_HEADER
 from cogview_api.api.openapi import error_responses, example_media, json_200, json_request_body
 from cogview_api.api.present import task_public
@@ -204,10 +204,7 @@ async def list_batch_tasks(
     request: Request,
     secret: Secret,
     serving: ServingDep,
-    status: Annotated[
-        str | None,
-        Query(description="`IN_PROGRESS`, `COMPLETED`, `FAILED` or `CANCELLED` (any case)."),
-    ] = None,
+    status: StatusFilter = None,
     limit: Limit = 20,
     cursor: Cursor = None,
 ) -> Envelope[TaskList]:

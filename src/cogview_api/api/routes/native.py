@@ -9,7 +9,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from cogview_api.api import events, examples, idempotency
-from cogview_api.api.deps import BaseUrl, From, Secret, ServingDep, SettingsDep, To
+from cogview_api.api.deps import (
+    BaseUrl,
+    From,
+    Secret,
+    ServingDep,
+    SettingsDep,
+    StatusFilter,
+    To,
+)
 from cogview_api.api.idempotency import REPLAYED_HEADER
 from cogview_api.api.metrics import count_cancelled
 from cogview_api.api.openapi import (
@@ -242,12 +250,7 @@ async def list_tasks(
     request: Request,
     secret: Secret,
     serving: ServingDep,
-    # Described here, checked (with this API's messages) by generation.list_tasks. No `enum`
-    # for status: it is matched in any case, which an enum cannot say.
-    status: Annotated[
-        str | None,
-        Query(description="`IN_PROGRESS`, `COMPLETED`, `FAILED` or `CANCELLED` (any case)."),
-    ] = None,
+    status: StatusFilter = None,
     limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": 100})] = 20,
     cursor: Annotated[str | None, Query()] = None,
 ) -> Envelope[TaskList]:
