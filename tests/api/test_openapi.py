@@ -172,6 +172,37 @@ def test_every_error_is_documented_in_the_envelope_of_its_surface(spec: dict[str
                 assert example["error"]["code"] == status
 
 
+def test_the_links_lead_from_a_created_task_or_batch_to_its_operations(
+    spec: dict[str, Any], docs_api: InProcessApi
+) -> None:
+    """Each link of a creating answer names an operation that exists and takes that
+    parameter, and followed on a real answer (its request example, sent), reaches the task or
+    batch it was created for."""
+    by_id = {op["operationId"]: (method, path) for method, path, op in operations(spec)}
+    key = docs_api.make_key(credits=100)
+    followed = 0
+    for method, path, op in operations(spec):
+        links = op["responses"]["200"].get("links", {})
+        if not links:
+            continue
+        (body, *_) = media_examples(op["requestBody"]["content"]["application/json"])
+        answer = docs_api.client.request(method, path, json=body, headers=auth(key))
+        assert answer.status_code == 200, answer.text
+        for link in links.values():
+            target_method, target_path = by_id[link["operationId"]]
+            for name, expression in link["parameters"].items():
+                assert "{" + name + "}" in target_path, (link, target_path)
+                pointer = expression.removeprefix("$response.body#/").split("/")
+                value: Any = answer.json()
+                for part in pointer:
+                    value = value[part]
+                target_path = target_path.replace("{" + name + "}", value)
+            with docs_api.client.stream(target_method, target_path, headers=auth(key)) as r:
+                assert r.status_code in (200, 409), (target_method, target_path, r.status_code)
+            followed += 1
+    assert followed >= 8
+
+
 @pytest.mark.parametrize("path", ["/api/v1/tasks", "/api/v1/batches/{batch_id}/tasks"])
 def test_the_status_filter_pattern_says_what_the_server_accepts(
     spec: dict[str, Any], docs_api: InProcessApi, path: str

@@ -320,7 +320,57 @@ def describe(app: FastAPI) -> dict[str, Any]:
                 "recorded in the audit log under the token's name (COGVIEW_ADMIN_TOKEN_NAME).",
             },
         ]
+    _add_links(schema)
     return schema
+
+
+# The operations a created task or batch's id feeds, and where the id is in the creating
+# answer: OpenAPI links, which clients' generators and schemathesis' stateful phase follow.
+_LINKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "post /api/v1/images/generations": (
+        "task_id",
+        (
+            "get /api/v1/tasks/{task_id}",
+            "post /api/v1/tasks/{task_id}/cancel",
+            "get /api/v1/tasks/{task_id}/events",
+        ),
+    ),
+    "post /api/v1/batches": (
+        "batch_id",
+        (
+            "get /api/v1/batches/{batch_id}",
+            "get /api/v1/batches/{batch_id}/tasks",
+            "post /api/v1/batches/{batch_id}/cancel",
+            "get /api/v1/batches/{batch_id}/events",
+            "get /api/v1/batches/{batch_id}/archive",
+        ),
+    ),
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    """Each creating operation's 200 links to the operations its id feeds (`_LINKS`), by
+    their operationIds, with the id read from `data` of the answer."""
+    paths = schema.get("paths", {})
+
+    def operation(key: str) -> dict[str, Any] | None:
+        method, path = key.split(" ", 1)
+        found: dict[str, Any] | None = paths.get(path, {}).get(method)
+        return found
+
+    for source, (param, targets) in _LINKS.items():
+        created = operation(source)
+        if created is None or "200" not in created["responses"]:
+            continue
+        links = created["responses"]["200"].setdefault("links", {})
+        for target in targets:
+            op = operation(target)
+            if op is not None:
+                links[op["operationId"]] = {
+                    "operationId": op["operationId"],
+                    "parameters": {param: f"$response.body#/data/{param}"},
+                    "description": f"The created {param.removesuffix('_id')}'s `{param}`.",
+                }
 
 
 def _operations(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
