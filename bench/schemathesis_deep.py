@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -146,7 +147,9 @@ def main() -> int:
                 str(ndjson),
                 "--no-color",
             ]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            # bench/schemathesis_hooks.py: a serializer for the batch route's JSON Lines body.
+            hooks = {"SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(ROOT / "bench")}
+            run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **hooks})
         finally:
             server.stop()
         seconds = time.monotonic() - t0
