@@ -206,18 +206,19 @@ def json_request_body(body: type[BaseModel], named_examples: dict[str, Any]) -> 
     it after the key's check, from the raw bytes the Idempotency-Key hash needs), described
     from the same pydantic model that validates it, with its named examples."""
     media = {
-        "schema": _inline_defs(body.model_json_schema()),
+        "schema": inline_refs(body.model_json_schema()),
         **example_media(named=named_examples),
     }
     return {"required": True, "content": {"application/json": media}}
 
 
-def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     """`schema` with each `{"$ref": "#/$defs/X"}` replaced by X itself and `$defs` dropped.
     pydantic points nested models at `#/$defs/...` of the model's own schema, which placed
     inside /openapi.json resolves from the document's root, where nothing is: code generators
-    and schemathesis could not read `sensitive_word_check` of the Zhipu body. (No body model
-    here refers to itself, so the substitution ends.)"""
+    and schemathesis could not read `sensitive_word_check` of the Zhipu body. Used for every
+    body a route describes itself (json_request_body, the batch route's). (No body model here
+    refers to itself, so the substitution ends.)"""
     defs = schema.get("$defs", {})
 
     def inline(node: Any) -> Any:

@@ -15,7 +15,13 @@ from cogview_api.api.batch_inputs import read_batch
 from cogview_api.api.batch_schemas import BatchCreate, BatchList, BatchPublic
 from cogview_api.api.deps import BackendsDep, Secret, ServingDep, SettingsDep, StatusFilter
 from cogview_api.api.idempotency import REPLAYED_HEADER
-from cogview_api.api.openapi import error_responses, example_media, json_200, json_request_body
+from cogview_api.api.openapi import (
+    error_responses,
+    example_media,
+    inline_refs,
+    json_200,
+    json_request_body,
+)
 from cogview_api.api.present import task_public
 from cogview_api.api.present_batches import batch_public
 from cogview_api.api.schemas import Envelope, ErrorDetail, TaskList
@@ -43,25 +49,6 @@ class BatchErrorBody(BaseModel):
     """A refused batch: the native error, with every bad line in `errors`."""
 
     error: BatchErrorDetail
-
-
-def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """A JSON schema with its `$defs` put in place of each `$ref` to them: in /openapi.json a
-    `#/$defs/...` reference would point at the document's root, where there is no `$defs`."""
-    defs = schema.get("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return walk(defs[ref.removeprefix("#/$defs/")])
-            return {k: walk(v) for k, v in node.items() if k != "$defs"}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    out: dict[str, Any] = walk(schema)
-    return out
 
 
 def _refused_batch() -> dict[int | str, dict[str, Any]]:
