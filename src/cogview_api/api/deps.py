@@ -16,6 +16,7 @@ from cogview_api.api.serving import GenerationServing, bearer_secret
 from cogview_api.config import Settings
 from cogview_api.errors import AuthenticationFailed
 from cogview_api.services.backends import Backends
+from cogview_api.services.generation import STATUS_FILTERS
 
 
 async def get_settings(request: Request) -> Settings:
@@ -81,15 +82,12 @@ def _any_case(word: str) -> str:
 
 
 # A task status filter (task lists), matched in any case: described by a pattern, since an
-# enum cannot say "any case"; checked, with this API's messages, by the service.
+# enum cannot say "any case"; made from, and checked with this API's messages by, the
+# service's own table of statuses.
 StatusFilter = Annotated[
     str | None,
     Query(
         description="`IN_PROGRESS`, `COMPLETED`, `FAILED` or `CANCELLED` (any case).",
-        json_schema_extra={
-            "pattern": "^("
-            + "|".join(_any_case(s) for s in ("IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"))
-            + ")$"
-        },
+        json_schema_extra={"pattern": "^(" + "|".join(_any_case(s) for s in STATUS_FILTERS) + ")$"},
     ),
 ]
